@@ -1,0 +1,190 @@
+"""The frozen CLIP model, loaded through open_clip.
+
+``FrozenCLIP.encode_image`` is the one place where the frozen image trunk runs: a single
+forward yields both the feature map before attention pooling and CLIP's own pooled
+feature. Everything in here is frozen and stays in eval mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from utils import RaftError
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn (and any config dropped there)
+
+# RAFT fine-tunes the attention pool of CLIP's modified ResNet; these are the OpenAI ResNets
+# plus the tiny random model used by tests and the offline demo.
+SUPPORTED_BACKBONES = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "tiny-rn")
+TINY_INIT_SEED = 0  # random backbones are always built from this seed: they stand in for fixed weights
+
+# Entries of TorchScript archives that are metadata or derived buffers, not weights.
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+log = logging.getLogger("raft")
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/" in name for name in zf.namelist())
+
+
+def _check_state_fits(model: nn.Module, state: dict, path: Path, backbone: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        detail = (f"{len(wrong)} shape mismatches (first: {wrong[0]})" if wrong
+                  else f"{len(missing)} missing / {len(unexpected)} unexpected tensors "
+                       f"(first: {(missing or unexpected)[0]})")
+        raise RaftError(f"{path} does not hold {backbone} weights: {detail}")
+
+
+def _create(name: str, quick_gelu: bool, pretrained: str | None = None) -> nn.Module:
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                      device="cpu", precision="fp32")
+    except RaftError:
+        raise
+    except Exception as exc:  # network, missing file, incompatible checkpoint
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        hint = ""
+        if pretrained == "openai":
+            hint = (" — the OpenAI weights are fetched from the Hugging Face hub on first use; offline, "
+                    "point `weights` at a local checkpoint (see doc/weights.md)")
+        raise RaftError(f"cannot load CLIP {name} with weights '{pretrained}': {first}{hint}") from None
+
+
+def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) -> nn.Module:
+    """Build an open_clip CLIP ResNet.
+
+    ``weights``: 'openai' (open_clip's download/cache of OpenAI's weights), a local file
+    (open_clip/safetensors state dict, or OpenAI's original TorchScript ``RN50.pt``), or
+    ``None`` for random weights seeded with ``TINY_INIT_SEED``.
+    """
+    if backbone not in SUPPORTED_BACKBONES:
+        kind = "ViT backbones are not supported yet (RAFT fine-tunes the ResNet attention pool)" \
+            if backbone.lower().startswith("vit") else f"unknown backbone '{backbone}'"
+        raise RaftError(f"{kind}; supported: {', '.join(SUPPORTED_BACKBONES)}")
+    if weights is None:
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns about random init: here it is what was asked for
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(TINY_INIT_SEED)
+                return _create(backbone, quick_gelu)
+        finally:
+            root.setLevel(level)
+    if weights == "openai":
+        if backbone == "tiny-rn":
+            raise RaftError("tiny-rn has no pretrained weights: set `weights: null`")
+        return _create(backbone, quick_gelu, "openai")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise RaftError(f"weights file not found: {path} (use 'openai', a checkpoint path, or null)")
+    if _is_torchscript_archive(path):
+        # OpenAI's own download (~/.cache/clip/RN50.pt) is a TorchScript archive; open_clip
+        # loads checkpoints with weights_only=True, which refuses those. torch.jit.load reads
+        # TorchScript without unpickling arbitrary Python objects.
+        with warnings.catch_warnings():  # torch marks jit.load deprecated; it is how these files load
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
+        model = _create(backbone, quick_gelu)
+        _check_state_fits(model, state, path, backbone)
+        model.load_state_dict(state, strict=True)
+        return model
+    return _create(backbone, quick_gelu, str(path))
+
+
+class FrozenCLIP(nn.Module):
+    """CLIP with every parameter frozen, in eval mode for good."""
+
+    def __init__(self, model: nn.Module, backbone: str):
+        super().__init__()
+        self.model = model.eval()
+        self.backbone = backbone
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(backbone)
+        visual = model.visual
+        pool = visual.attnpool
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.feature_channels = pool.k_proj.in_features          # E
+        self.embed_dim = pool.c_proj.out_features                # D
+        self.grid = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))  # H = W
+        self._fingerprint: str | None = None
+
+    def train(self, mode: bool = True):  # frozen means frozen: BatchNorm statistics never move
+        return super().train(False)
+
+    @property
+    def attnpool(self) -> nn.Module:
+        return self.model.visual.attnpool
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature map of the last residual stage, ``B×E×H×W``."""
+        v = self.model.visual
+        x = v.stem(images.to(v.conv1.weight.dtype))
+        return v.layer4(v.layer3(v.layer2(v.layer1(x))))
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One trunk forward -> (feature map ``B×E×H×W``, CLIP's pooled feature ``v0`` ``B×D``)."""
+        fmap = self.trunk(images)
+        return fmap, self.attnpool(fmap)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(texts).to(device)
+        return self.model.encode_text(tokens).float()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every weight and buffer: names what the frozen model computes (cache keys)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.backbone.encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+@torch.no_grad()
+def calibrate_batchnorm(clip: FrozenCLIP, batches) -> int:
+    """Re-estimate the trunk's BatchNorm running statistics from images (cumulative average).
+
+    A randomly initialised ResNet in eval mode uses the default statistics (mean 0, var 1)
+    and maps every image to nearly the same vector; with statistics measured on real
+    images its random features differ between images. Only for random backbones.
+    """
+    norms = [m for m in clip.model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        nn.Module.train(m, True)
+    seen = 0
+    try:
+        for images in batches:
+            clip.trunk(images)
+            seen += images.shape[0]
+    finally:
+        for m in norms:
+            nn.Module.train(m, False)
+    clip._fingerprint = None
+    return seen

@@ -1,0 +1,97 @@
+"""RegionAttentionPool: the only trainable module of RAFT (METHOD.md §2).
+
+A copy of CLIP's attention pool whose token sequence carries two summary tokens,
+
+    [mean(F), mean(F), F_1 … F_HW] + positional embedding (row 0 duplicated),
+
+so that token 0 learns the class-region feature and token 1 the background feature.
+Only the two summary tokens' outputs are used, so only they are queried.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def summary_tokens(fmap: torch.Tensor, positional_embedding: torch.Tensor, n_summary: int) -> torch.Tensor:
+    """``B×E×H×W`` map -> ``B×(n_summary+HW)×E`` tokens: ``n_summary`` copies of the mean, then the grid."""
+    x = fmap.flatten(2).transpose(1, 2)                       # B, HW, E (row-major, as CLIP's pool)
+    mean = x.mean(dim=1, keepdim=True).expand(-1, n_summary, -1)
+    return torch.cat([mean, x], dim=1) + positional_embedding.to(x.dtype)
+
+
+class RegionAttentionPool(nn.Module):
+    """``forward(F: B×E×H×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off ``attnpool``."""
+
+    def __init__(self, attnpool: nn.Module, mask_bg_in_cls: bool = False):
+        super().__init__()
+        self.num_heads = attnpool.num_heads
+        self.q_proj = copy.deepcopy(attnpool.q_proj)
+        self.k_proj = copy.deepcopy(attnpool.k_proj)
+        self.v_proj = copy.deepcopy(attnpool.v_proj)
+        self.c_proj = copy.deepcopy(attnpool.c_proj)
+        pos = attnpool.positional_embedding.detach().clone()     # (HW+1)×E, row 0 = CLIP's class row
+        # Two summary tokens start from the same positional row; they diverge only because
+        # their rows receive different gradients, so the embedding must stay trainable.
+        self.positional_embedding = nn.Parameter(torch.cat([pos[:1], pos[:1], pos[1:]]))
+        self.mask_bg_in_cls = mask_bg_in_cls
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def feature_channels(self) -> int:
+        return self.k_proj.in_features
+
+    @property
+    def embed_dim(self) -> int:
+        return self.c_proj.out_features
+
+    def attention(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention outputs of the two summary tokens before ``c_proj`` (``B×2×E``) and the
+        attention weights (``B×heads×2×(HW+2)``)."""
+        tokens = summary_tokens(fmap, self.positional_embedding, 2)    # B, N, E
+        b, n, e = tokens.shape
+        h = self.num_heads
+        d = e // h
+        q = self.q_proj(tokens[:, :2]).view(b, 2, h, d).transpose(1, 2)   # B,h,2,d
+        k = self.k_proj(tokens).view(b, n, h, d).transpose(1, 2)          # B,h,N,d
+        v = self.v_proj(tokens).view(b, n, h, d).transpose(1, 2)          # B,h,N,d
+        scores = (q * d ** -0.5) @ k.transpose(-2, -1)                    # B,h,2,N
+        if self.mask_bg_in_cls:
+            mask = torch.zeros(2, n, dtype=torch.bool, device=fmap.device)
+            mask[0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
+            scores = scores.masked_fill(mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(b, 2, e)
+        return out, weights
+
+    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, _ = self.attention(fmap)
+        out = self.c_proj(out)
+        return out[:, 0], out[:, 1]
+
+
+def all_token_forward(pool: RegionAttentionPool, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward computation, as the reference does it: multi-head attention with
+    queries for all HW+2 tokens through ``F.multi_head_attention_forward``, then keep tokens
+    0 and 1. Used as the ground truth in tests and as the baseline of the benchmark."""
+    tokens = summary_tokens(fmap, pool.positional_embedding, 2).transpose(0, 1)  # N, B, E
+    mask = None
+    if pool.mask_bg_in_cls:
+        n = tokens.shape[0]
+        mask = torch.zeros(n, n, dtype=torch.bool, device=fmap.device)
+        mask[0, 1] = True
+    out, _ = F.multi_head_attention_forward(
+        query=tokens, key=tokens, value=tokens,
+        embed_dim_to_check=tokens.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False, attn_mask=mask,
+    )
+    return out[0], out[1]

@@ -1,0 +1,134 @@
+"""Readers for the CoOp layout of the ten fine-grained datasets (doc/datasets.md).
+
+Dataset differences are data: one row of ``LAYOUTS`` per dataset says where its images
+live, which split file labels them and which hand-written template describes a class.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import RaftError
+
+from .base import DatasetSplits, Datum
+
+
+@dataclass(frozen=True)
+class Layout:
+    image_dir: str                 # image folder under the root ("" = the root itself)
+    split_file: str                # split_zhou_*.json, or FGVC's variants.txt
+    templates: tuple[str, ...]     # used when no description file covers a class
+    reader: str = "json"           # "json" (CoOp split file) or "fgvc" (FGVC's text files)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "caltech101": Layout("101_ObjectCategories", "split_zhou_Caltech101.json", ("a photo of a {}.",)),
+    "oxford_pets": Layout("images", "split_zhou_OxfordPets.json", ("a photo of a {}, a type of pet.",)),
+    "stanford_cars": Layout("", "split_zhou_StanfordCars.json", ("a photo of a {}.",)),
+    "oxford_flowers": Layout("jpg", "split_zhou_OxfordFlowers.json", ("a photo of a {}, a type of flower.",)),
+    "food101": Layout("images", "split_zhou_Food101.json", ("a photo of {}, a type of food.",)),
+    "fgvc": Layout("images", "variants.txt", ("a photo of a {}, a type of aircraft.",), reader="fgvc"),
+    "sun397": Layout("SUN397", "split_zhou_SUN397.json", ("a photo of a {}.",)),
+    "dtd": Layout("images", "split_zhou_DescribableTextures.json", ("{} texture.",)),
+    "eurosat": Layout("2750", "split_zhou_EuroSAT.json", ("a centered satellite photo of {}.",)),
+    "ucf101": Layout("UCF-101-midframes", "split_zhou_UCF101.json", ("a photo of a person doing {}.",)),
+    # the offline demo's generated dataset (datasets/demo.py)
+    "demo": Layout("images", "split_zhou_Demo.json", ("a photo of a {}.",)),
+}
+SPLITS = ("train", "val", "test")
+
+
+def expected_layout(name: str) -> str:
+    layout = LAYOUTS[name]
+    images = f"{layout.image_dir}/" if layout.image_dir else "<image folders>"
+    if layout.reader == "fgvc":
+        return f"{images}, variants.txt, images_variant_{{train,val,test}}.txt"
+    return f"{images}, {layout.split_file}"
+
+
+def _check_root(name: str, root: Path) -> None:
+    if not root.is_dir():
+        raise RaftError(f"data_path {root} does not exist; {name} expects a folder holding {expected_layout(name)} "
+                        f"(see doc/datasets.md)")
+
+
+def _labels_to_names(rows_by_split: dict[str, list[tuple[str, int, str]]], source: str) -> list[str]:
+    """Class names indexed by label, checking labels are 0..C-1 and names are consistent."""
+    names: dict[int, str] = {}
+    for split, rows in rows_by_split.items():
+        for path, label, classname in rows:
+            if names.setdefault(label, classname) != classname:
+                raise RaftError(f"{source}: label {label} is called both '{names[label]}' and '{classname}'")
+    if not names:
+        raise RaftError(f"{source} holds no images")
+    if sorted(names) != list(range(len(names))):
+        missing = sorted(set(range(max(names) + 1)) - set(names))[:5]
+        raise RaftError(f"{source}: labels must be 0..C-1 without gaps; missing {missing}")
+    return [names[i] for i in range(len(names))]
+
+
+def _read_json_split(path: Path) -> dict[str, list[tuple[str, int, str]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RaftError(f"split file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or any(s not in data for s in SPLITS):
+        raise RaftError(f"split file {path} must be an object with 'train', 'val' and 'test' lists")
+    out = {}
+    for split in SPLITS:
+        rows = data[split]
+        if not isinstance(rows, list):
+            raise RaftError(f"split file {path}: '{split}' must be a list")
+        checked = []
+        for i, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                    and isinstance(row[1], int) and not isinstance(row[1], bool) and isinstance(row[2], str)):
+                raise RaftError(f"split file {path}: {split}[{i}] = {row!r} is not [image_path, label, classname]")
+            checked.append((row[0], row[1], row[2]))
+        out[split] = checked
+    return out
+
+
+def _read_fgvc_split(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int, str]]]]:
+    variants_file = root / "variants.txt"
+    classnames = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    label_of = {name: i for i, name in enumerate(classnames)}
+    out = {}
+    for split in SPLITS:
+        path = root / f"images_variant_{split}.txt"
+        if not path.is_file():
+            raise RaftError(f"split file missing: {path}; fgvc expects {expected_layout('fgvc')}")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.strip().partition(" ")  # variant names contain spaces
+            if variant not in label_of:
+                raise RaftError(f"{path}:{n}: variant '{variant}' is not in variants.txt")
+            rows.append((f"{image_id}.jpg", label_of[variant], variant))
+        out[split] = rows
+    return classnames, out
+
+
+def read_coop_dataset(name: str, root: str | Path) -> DatasetSplits:
+    """Read one of ``LAYOUTS`` from its root folder into train/val/test lists."""
+    if name not in LAYOUTS:
+        known = ", ".join(sorted(LAYOUTS))
+        hint = " (ImageNet runs through main_imagenet.py)" if name == "imagenet" else ""
+        raise RaftError(f"unknown dataset '{name}'{hint}; known: {known}")
+    layout = LAYOUTS[name]
+    root = Path(root)
+    _check_root(name, root)
+    split_path = root / layout.split_file
+    if not split_path.is_file():
+        raise RaftError(f"split file missing: {split_path}; {name} expects {expected_layout(name)} under data_path")
+    if layout.reader == "fgvc":
+        classnames, rows = _read_fgvc_split(root)
+        _labels_to_names(rows, str(root))  # consistency checks only: names come from variants.txt
+    else:
+        rows = _read_json_split(split_path)
+        classnames = _labels_to_names(rows, str(split_path))
+    image_root = root / layout.image_dir
+    splits = {s: [Datum(str(image_root / p), label, c) for p, label, c in rows[s]] for s in SPLITS}
+    return DatasetSplits(name, root, classnames, list(layout.templates), **splits)

@@ -1,0 +1,112 @@
+"""ImageNet in the CoOp layout, and the distribution-shift test sets that reuse its classes.
+
+    <data_path>/classnames.txt          "<wnid> <class name>" per line, in label order
+    <data_path>/images/train/<wnid>/*   training images
+    <data_path>/images/val/<wnid>/*     the official validation set = the test set
+
+ImageNet has no labelled validation split in this protocol: the engine draws one from
+train images outside the few-shot set (see datasets/fewshot.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import RaftError
+
+from .base import DatasetSplits, Datum, ShiftSet, list_images
+
+# ImageNet templates used when no description file exists (the 7-template ensemble of
+# CLIP's ImageNet notebook that the Tip-Adapter lineage uses).
+IMAGENET_TEMPLATES = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+
+
+@dataclass(frozen=True)
+class ShiftLayout:
+    folder: str       # the dataset's usual folder name (data_path may be it or its parent)
+    labels: str       # "index": folders 0..999; "wnid": folders named by WordNet id
+
+
+SHIFT_LAYOUTS = {
+    "imagenet_v2": ShiftLayout("imagenetv2-matched-frequency-format-val", "index"),
+    "imagenet_sketch": ShiftLayout("sketch", "wnid"),
+    "imagenet_a": ShiftLayout("imagenet-a", "wnid"),
+    "imagenet_r": ShiftLayout("imagenet-r", "wnid"),
+}
+
+
+def read_classnames(root: Path) -> tuple[list[str], list[str]]:
+    path = root / "classnames.txt"
+    if not path.is_file():
+        raise RaftError(f"{path} missing; imagenet expects classnames.txt ('<wnid> <name>' per line), "
+                        f"images/train/<wnid>/ and images/val/<wnid>/ under data_path (see doc/datasets.md)")
+    wnids, names = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, name = line.strip().partition(" ")
+        if not name:
+            raise RaftError(f"{path}:{n}: expected '<wnid> <class name>', got {line!r}")
+        wnids.append(wnid)
+        names.append(name.strip())
+    return wnids, names
+
+
+def _read_folders(folder: Path, wnids: list[str], names: list[str]) -> list[Datum]:
+    if not folder.is_dir():
+        raise RaftError(f"image folder missing: {folder} (expected images/train/<wnid>/ and images/val/<wnid>/)")
+    items = []
+    for label, (wnid, name) in enumerate(zip(wnids, names)):
+        class_dir = folder / wnid
+        if not class_dir.is_dir():
+            raise RaftError(f"class folder missing: {class_dir} (listed in classnames.txt)")
+        items.extend(Datum(str(p), label, name) for p in list_images(class_dir))
+    return items
+
+
+def read_imagenet(root: str | Path) -> DatasetSplits:
+    root = Path(root)
+    if not root.is_dir():
+        raise RaftError(f"data_path {root} does not exist; imagenet expects classnames.txt, images/train/<wnid>/ "
+                        f"and images/val/<wnid>/ (see doc/datasets.md)")
+    wnids, names = read_classnames(root)
+    train = _read_folders(root / "images" / "train", wnids, names)
+    test = _read_folders(root / "images" / "val", wnids, names)
+    return DatasetSplits("imagenet", root, names, list(IMAGENET_TEMPLATES), train, [], test)
+
+
+def read_shift_set(kind: str, path: str | Path, wnids: list[str], names: list[str]) -> ShiftSet:
+    """An ImageNet variant whose labels map onto the ImageNet classes (all, or a subset)."""
+    if kind not in SHIFT_LAYOUTS:
+        raise RaftError(f"unknown shift set '{kind}'; known: {', '.join(SHIFT_LAYOUTS)}")
+    layout = SHIFT_LAYOUTS[kind]
+    folder = Path(path)
+    if (folder / layout.folder).is_dir():
+        folder = folder / layout.folder
+    if not folder.is_dir():
+        raise RaftError(f"{kind}: folder {folder} does not exist")
+    label_of = {w: i for i, w in enumerate(wnids)}
+    items = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        key = class_dir.name
+        if layout.labels == "index":
+            if not key.isdigit() or int(key) >= len(wnids):
+                raise RaftError(f"{kind}: folder '{key}' is not a class index 0..{len(wnids) - 1}")
+            label = int(key)
+        else:
+            if key not in label_of:
+                raise RaftError(f"{kind}: folder '{key}' is not an ImageNet wnid from classnames.txt")
+            label = label_of[key]
+        items.extend(Datum(str(p), label, names[label]) for p in list_images(class_dir))
+    if not items:
+        raise RaftError(f"{kind}: no images under {folder}")
+    covered = sorted({d.label for d in items})
+    return ShiftSet(items, None if len(covered) == len(wnids) else covered)

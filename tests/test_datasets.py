@@ -1,0 +1,131 @@
+"""Readers against the real CoOp split files (throw-away image trees), ImageNet, few-shot sampling."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_fixture
+from datasets import LAYOUTS, few_shot, read_coop_dataset, read_imagenet, read_shift_set, sample_per_class
+from datasets.base import Datum
+from utils import RaftError
+
+# split file -> (config name, classes, train, val, test) as in DATASETS.md
+REAL_SPLITS = {
+    "split_zhou_Caltech101.json": ("caltech101", 100, 4128, 1649, 2465),
+    "split_zhou_OxfordPets.json": ("oxford_pets", 37, 2944, 736, 3669),
+    "split_zhou_StanfordCars.json": ("stanford_cars", 196, 6509, 1635, 8041),
+    "split_zhou_OxfordFlowers.json": ("oxford_flowers", 102, 4093, 1633, 2463),
+    "split_zhou_DescribableTextures.json": ("dtd", 47, 2820, 1128, 1692),
+    "split_zhou_EuroSAT.json": ("eurosat", 10, 13500, 5400, 8100),
+    "split_zhou_UCF101.json": ("ucf101", 101, 7639, 1898, 3783),
+}
+
+
+def touch_tree(root: Path, image_dir: str, rel_paths) -> None:
+    for rel in rel_paths:
+        p = root / image_dir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+
+@pytest.mark.parametrize("split_file", sorted(REAL_SPLITS))
+def test_json_reader_on_real_split_files(split_file, tmp_path):
+    src = shared_fixture("coop_splits", split_file)
+    name, classes, n_train, n_val, n_test = REAL_SPLITS[split_file]
+    layout = LAYOUTS[name]
+    assert layout.split_file == split_file
+    shutil.copy(src, tmp_path / split_file)
+    rows = json.loads(src.read_text())
+    touch_tree(tmp_path, layout.image_dir, {r[0] for s in rows.values() for r in s})
+    data = read_coop_dataset(name, tmp_path)
+    assert (data.num_classes, len(data.train), len(data.val), len(data.test)) == (classes, n_train, n_val, n_test)
+    assert all(Path(d.path).is_file() for d in data.train[:50] + data.test[-50:])
+    first = rows["train"][0]
+    assert data.train[0] == Datum(str(tmp_path / layout.image_dir / first[0]), first[1], first[2])
+    assert data.classnames[first[1]] == first[2]
+    shots = few_shot(data.train, 4, seed=1, num_classes=classes)
+    assert len(shots) == 4 * classes and all(Path(d.path).is_file() for d in shots)
+
+
+def test_fgvc_text_files(tmp_path):
+    src = shared_fixture("coop_splits", "images_variant_train.txt")
+    lines = src.read_text().splitlines()
+    variants = sorted({line.split(" ", 1)[1] for line in lines})
+    (tmp_path / "variants.txt").write_text("\n".join(variants) + "\n")
+    for split in ("train", "val", "test"):
+        shutil.copy(src, tmp_path / f"images_variant_{split}.txt")
+    touch_tree(tmp_path, "images", {line.split(" ", 1)[0] + ".jpg" for line in lines})
+    data = read_coop_dataset("fgvc", tmp_path)
+    assert data.num_classes == 100 and len(data.train) == 3334
+    assert "BAE 146-200" in data.classnames     # variant names with spaces survive
+    image_id, variant = lines[0].split(" ", 1)
+    assert data.train[0] == Datum(str(tmp_path / "images" / f"{image_id}.jpg"), variants.index(variant), variant)
+
+
+def test_clear_errors_for_missing_root_split_and_bad_rows(tmp_path):
+    with pytest.raises(RaftError, match="does not exist.*split_zhou_OxfordPets.json"):
+        read_coop_dataset("oxford_pets", tmp_path / "nope")
+    with pytest.raises(RaftError, match="split file missing.*split_zhou_DescribableTextures.json"):
+        read_coop_dataset("dtd", tmp_path)
+    (tmp_path / "split_zhou_EuroSAT.json").write_text('{"train": [["a.jpg", 0]], "val": [], "test": []}')
+    with pytest.raises(RaftError, match=r"train\[0\].*not \[image_path, label, classname\]"):
+        read_coop_dataset("eurosat", tmp_path)
+    (tmp_path / "split_zhou_EuroSAT.json").write_text("{not json")
+    with pytest.raises(RaftError, match="not valid JSON"):
+        read_coop_dataset("eurosat", tmp_path)
+    (tmp_path / "split_zhou_EuroSAT.json").write_text(
+        '{"train": [["a.jpg", 0, "x"], ["b.jpg", 2, "z"]], "val": [], "test": []}')
+    with pytest.raises(RaftError, match="0..C-1"):
+        read_coop_dataset("eurosat", tmp_path)
+    with pytest.raises(RaftError, match="main_imagenet.py"):
+        read_coop_dataset("imagenet", tmp_path)
+
+
+def make_items(counts):
+    return [Datum(f"/img/{c}_{i}.jpg", c, f"class{c}") for c, n in enumerate(counts) for i in range(n)]
+
+
+def test_few_shot_sampling_is_seeded_per_class_and_replaces_only_when_short():
+    items = make_items([20, 20, 3])
+    a = few_shot(items, 5, seed=1, num_classes=3)
+    assert a == few_shot(items, 5, seed=1, num_classes=3)
+    assert a != few_shot(items, 5, seed=2, num_classes=3)
+    assert [sum(d.label == c for d in a) for c in range(3)] == [5, 5, 5]
+    assert len({d.path for d in a if d.label == 0}) == 5        # no repeats when enough images
+    assert {d.path for d in a if d.label == 2} <= {d.path for d in items if d.label == 2}
+
+
+def test_validation_from_train_excludes_the_few_shot_set():
+    items = make_items([30, 30])
+    shots = few_shot(items, 8, seed=1, num_classes=2)
+    val = sample_per_class(items, 10, "val:1", 2, exclude={d.path for d in shots})
+    assert len(val) == 20 and not {d.path for d in val} & {d.path for d in shots}
+
+
+def write_image_tree(folder: Path, classes, per_class=2):
+    from PIL import Image
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), (i * 40, 80, 120)).save(folder / c / f"{i}.JPEG")
+
+
+def test_imagenet_layout_and_shift_sets(tmp_path):
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    names = ["tench", "goldfish", "great white shark"]
+    (tmp_path / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, names)))
+    write_image_tree(tmp_path / "images" / "train", wnids, 3)
+    write_image_tree(tmp_path / "images" / "val", wnids, 2)
+    data = read_imagenet(tmp_path)
+    assert data.classnames == names and len(data.train) == 9 and len(data.test) == 6 and data.val == []
+    assert data.train[3].label == 1 and data.train[3].classname == "goldfish"
+    v2 = tmp_path / "v2" / "imagenetv2-matched-frequency-format-val"
+    write_image_tree(v2, ["0", "1", "2"], 1)
+    shift = read_shift_set("imagenet_v2", tmp_path / "v2", wnids, names)
+    assert len(shift.items) == 3 and shift.class_subset is None
+    write_image_tree(tmp_path / "a", ["n01484850", "n01440764"], 1)
+    sub = read_shift_set("imagenet_a", tmp_path / "a", wnids, names)
+    assert sub.class_subset == [0, 2]
+    with pytest.raises(RaftError, match="classnames.txt"):
+        read_imagenet(tmp_path / "images")

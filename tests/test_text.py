@@ -1,0 +1,89 @@
+"""Class sentences (descriptions vs templates) and the cached text classifier (METHOD.md §3)."""
+import json
+
+import pytest
+import torch
+
+from clip.text import (cached_text_matrix, class_sentences, load_descriptions, lookup_description,
+                       text_matrix)
+from conftest import shared_fixture
+from utils import RaftError
+
+
+def split_classnames(split_file):
+    rows = json.loads(shared_fixture("coop_splits", split_file).read_text())
+    names = {r[1]: r[2] for s in rows.values() for r in s}
+    return [names[i] for i in range(len(names))]
+
+
+@pytest.mark.parametrize("split_file,desc_file", [("split_zhou_UCF101.json", "ucf101_prompt.json"),
+                                                  ("split_zhou_OxfordPets.json", "oxford_pets_prompt.json"),
+                                                  ("split_zhou_Caltech101.json", "caltech101_prompt.json")])
+def test_every_split_class_finds_its_descriptions(split_file, desc_file, caplog):
+    classnames = split_classnames(split_file)
+    descriptions = load_descriptions(shared_fixture("descriptions", desc_file))
+    underscored = [c for c in classnames if "_" in c]
+    assert underscored, "these splits spell some class names with underscores"
+    assert all(c not in descriptions for c in underscored if c.replace("_", " ") != c)
+    sentences = class_sentences(classnames, ["a photo of a {}."], descriptions)
+    assert "templates" not in caplog.text
+    for name, group in zip(classnames, sentences):
+        assert group == [s.strip() for s in descriptions[name.replace("_", " ") if name not in descriptions
+                                                         else name]]
+
+
+def test_lookup_prefers_exact_key_then_spaces():
+    desc = {"Apply Eye Makeup": ["spaces"], "a_b": ["exact"], "a b": ["spaced"]}
+    assert lookup_description(desc, "Apply_Eye_Makeup") == ["spaces"]
+    assert lookup_description(desc, "a_b") == ["exact"]
+    assert lookup_description(desc, "missing") is None
+    assert lookup_description({"x": []}, "x") is None
+
+
+def test_missing_classes_fall_back_to_templates_with_a_warning(caplog):
+    sentences = class_sentences(["Apply_Eye_Makeup", "Yo_Yo"], ["a photo of a person doing {}."],
+                                {"Apply Eye Makeup": ["one.", "two."]}, "ucf.json")
+    assert sentences == [["one.", "two."], ["a photo of a person doing Yo Yo."]]
+    assert "Yo_Yo" in caplog.text and "templates" in caplog.text
+
+
+def test_bad_description_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(RaftError, match="not valid JSON"):
+        load_descriptions(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(RaftError, match="JSON object"):
+        load_descriptions(bad)
+
+
+def test_text_matrix_columns_and_background(tiny_clip):
+    names = ["red circle", "blue_square", "green triangle"]
+    sentences = [["a red circle.", "a round red thing."], ["a blue square."], ["a green triangle."]]
+    T = text_matrix(tiny_clip, names, sentences)
+    assert T.shape == (tiny_clip.embed_dim, 4)
+    assert torch.allclose(T[:, :3].norm(dim=0), torch.ones(3), atol=1e-5)
+    # class column = normalised mean of normalised sentence embeddings
+    e = torch.nn.functional.normalize(tiny_clip.encode_text(sentences[0]), dim=-1).mean(0)
+    assert torch.allclose(T[:, 0], e / e.norm(), atol=1e-5)
+    # background = mean of normalised "the background of {c}." (underscores read as spaces), not renormalised
+    bg = torch.nn.functional.normalize(tiny_clip.encode_text(
+        ["the background of red circle.", "the background of blue square.", "the background of green triangle."]),
+        dim=-1).mean(0)
+    assert torch.allclose(T[:, 3], bg, atol=1e-5) and T[:, 3].norm() < 1 - 1e-4
+    T2 = text_matrix(tiny_clip, names, sentences, renorm_bg=True)
+    assert torch.allclose(T2[:, 3].norm(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_text_cache_is_reused_only_for_identical_inputs(tiny_clip, tmp_path, monkeypatch):
+    names = ["cat", "dog"]
+    sentences = [["a cat."], ["a dog."]]
+    T = cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy")
+    files = list((tmp_path / "text").glob("*.pt"))
+    assert len(files) == 1
+    calls = []
+    import clip.text as text_mod
+    monkeypatch.setattr(text_mod, "text_matrix", lambda *a, **k: calls.append(1) or torch.zeros(2, 3))
+    assert torch.equal(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T) and not calls
+    cached_text_matrix(tiny_clip, names, [["a cat."], ["a puppy."]], tmp_path, "toy")   # sentence changed
+    assert calls and len(list((tmp_path / "text").glob("*.pt"))) == 2

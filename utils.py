@@ -1,0 +1,327 @@
+"""Shared plumbing: configuration, errors, seeding, atomic file writes, logging, devices.
+
+Configuration is layered the CoOp way: the schema below holds every valid key with its
+default, a dataset YAML overrides some of them, ``--key value`` on the command line
+overrides those, then the result is type-checked, range-checked and frozen.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+
+class RaftError(Exception):
+    """An error caused by the user's input: printed as one line, without a traceback."""
+
+
+# --------------------------------------------------------------------------- config schema
+@dataclass(frozen=True)
+class Key:
+    types: tuple            # accepted Python types (after int -> float promotion)
+    default: Any
+    help: str
+    nullable: bool = False
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""          # what `check` demands, for the error message
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+SCHEMA: dict[str, Key] = {
+    # what to run on
+    "dataset": Key((str,), None, "dataset name (a key of the layout table, or 'imagenet')"),
+    "data_path": Key((str,), None, "root folder of the dataset (CoOp layout)"),
+    "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True, _positive, "> 0"),
+    "backbone": Key((str,), "RN50", "CLIP ResNet: RN50, RN101, RN50x4, RN50x16, RN50x64 or tiny-rn"),
+    "weights": Key((str,), "openai", "'openai' (download/cache), a local checkpoint path, or null for random init", True),
+    "quick_gelu": Key((bool,), True, "QuickGELU in the text tower; OpenAI weights need it"),
+    "calibrate_bn": Key((bool,), False, "re-estimate the trunk's BatchNorm statistics on the training images "
+                                        "(only for randomly initialised backbones)"),
+    # few-shot protocol
+    "shots": Key((int,), 16, "training images per class", False, _positive, "> 0"),
+    "seed": Key((int,), 1, "seed of the few-shot sample, the initialisation and the data order"),
+    "val_per_class": Key((int,), 4, "ImageNet only: validation images per class drawn from train images "
+                                    "outside the few-shot set (0: use the fixed `alpha`)", False, _non_negative, ">= 0"),
+    # optimisation
+    "lr": Key((float,), 1e-4, "AdamW learning rate", False, _positive, "> 0"),
+    "min_lr": Key((float,), 1e-6, "learning rate at the end of the cosine decay", False, _non_negative, ">= 0"),
+    "eps": Key((float,), 1e-4, "AdamW epsilon", False, _positive, "> 0"),
+    "weight_decay": Key((float,), 0.01, "AdamW weight decay", False, _non_negative, ">= 0"),
+    "train_epoch": Key((int,), 50, "training epochs", False, _positive, "> 0"),
+    "warmup_epoch": Key((int,), 10, "epochs of linear learning-rate warm-up", False, _non_negative, ">= 0"),
+    "batch_size": Key((int,), 64, "training batch size", False, _positive, "> 0"),
+    "eval_batch_size": Key((int,), 128, "evaluation batch size", False, _positive, "> 0"),
+    # loss
+    "lambda1": Key((float,), 0.1, "weight of the class/background separation term"),
+    "lambda2": Key((float,), 0.5, "weight of the L1 consistency term with zero-shot CLIP"),
+    "tau1": Key((float,), 2.0, "temperature of the class cross-entropy", False, _positive, "> 0"),
+    "tau2": Key((float,), 3.0, "temperature of the background cross-entropy", False, _positive, "> 0"),
+    "logit_scale": Key((float,), 100.0, "scale of the cosine logits", False, _positive, "> 0"),
+    # region pool / text variants (defaults = reference behaviour)
+    "mask_bg_in_cls": Key((bool,), False, "mask the background token out of the class token's attention"),
+    "renorm_bg_text": Key((bool,), False, "re-normalise the averaged background text embedding"),
+    "descriptions": Key((str,), "auto", "class descriptions file; 'auto' = gpt3_file/<dataset>_prompt.json "
+                                        "when it exists; null = templates only", True),
+    "templates": Key((list,), None, "hand-written templates ('{}' = class name); null = the dataset's own", True),
+    # evaluation
+    "search_low": Key((float,), 0.0, "lowest alpha of the search grid"),
+    "search_high": Key((float,), 1.0, "highest alpha of the search grid"),
+    "search_step": Key((int,), 50, "number of intervals of the alpha grid", False, _positive, "> 0"),
+    "alpha": Key((float,), None, "fixed blending weight; null = choose on validation data", True),
+    "shift_sets": Key((dict,), {}, "ImageNet only: distribution-shift test sets {name: path} "
+                                   "(imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r)"),
+    # machinery
+    "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
+    "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
+    "num_workers": Key((int,), 4, "data-loading worker processes", False, _non_negative, ">= 0"),
+    "cache_dir": Key((str,), "cache", "folder for text-feature caches"),
+    "output_dir": Key((str,), "output", "root of the run folders"),
+}
+
+
+class Config(dict):
+    """A read-only dict with attribute access: ``cfg.lr``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("the configuration is frozen once validated")
+
+    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly  # type: ignore[assignment]
+
+
+def closest_key(name: str) -> str:
+    match = difflib.get_close_matches(name, SCHEMA.keys(), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Type-check one value against the schema (YAML reads '1e-4' as a string: accept it as a number)."""
+    if name not in SCHEMA:
+        raise RaftError(f"unknown config key '{name}' in {source} (did you mean '{closest_key(name)}'?)")
+    key = SCHEMA[name]
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and key.nullable):
+        if not key.nullable:
+            raise RaftError(f"config key '{name}' may not be null ({source})")
+        return None
+    expected = key.types[0]
+    if expected is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    ok = isinstance(value, key.types) and not (expected in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise RaftError(f"config key '{name}' expects {expected.__name__}, got {value!r} ({source}): {key.help}")
+    if key.check is not None and not key.check(value):
+        raise RaftError(f"config key '{name}' must be {key.rule}, got {value!r} ({source})")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RaftError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RaftError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RaftError(f"config file {path} must hold a mapping of key: value")
+    return data
+
+
+def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Config:
+    """Schema defaults <- YAML <- overrides, each value type-checked, then cross-checked."""
+    values = {name: key.default for name, key in SCHEMA.items()}
+    if yaml_path is not None:
+        for name, value in load_yaml(yaml_path).items():
+            values[name] = _coerce(name, value, str(yaml_path))
+    for name, value in overrides.items():
+        values[name] = _coerce(name, value, "command line")
+    for required in ("dataset", "data_path"):
+        if not values[required]:
+            raise RaftError(f"config key '{required}' is required (set it in the YAML or with --{required})")
+    if values["search_low"] > values["search_high"]:
+        raise RaftError(f"empty alpha search range: search_low={values['search_low']} > "
+                        f"search_high={values['search_high']}")
+    if values["warmup_epoch"] >= values["train_epoch"] and values["warmup_epoch"] > 0:
+        raise RaftError(f"warmup_epoch ({values['warmup_epoch']}) must be smaller than "
+                        f"train_epoch ({values['train_epoch']}); set --warmup_epoch lower")
+    if values["templates"] is not None:
+        if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
+            raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
+    return Config(values)
+
+
+def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
+    """Fixed flags plus ``--<config key> <value>`` for every schema key."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Any config key can be overridden: --shots 4 --lr 2e-4 --backbone RN101 ...",
+    )
+    parser.add_argument("--config", required=True, help="YAML file with the dataset's settings")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate a trained region pool, no training")
+    parser.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run folder's own)")
+    parser.add_argument("--force", action="store_true", help="run again even if results.json exists")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    flags, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise RaftError(f"unexpected argument '{token}' (overrides are written --key value)")
+        name, _, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not _:
+            if i + 1 >= len(rest):
+                raise RaftError(f"--{name} needs a value")
+            value = rest[i + 1]
+            i += 1
+        i += 1
+        if name not in SCHEMA:
+            raise RaftError(f"unknown config key '{name}' on the command line (did you mean '{closest_key(name)}'?)")
+        overrides[name] = yaml.safe_load(value) if value != "" else ""
+    return build_config(flags.config, overrides), flags
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run an entry point: user errors become one line on stderr and exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        main(argv)
+    except RaftError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# --------------------------------------------------------------------------- reproducibility
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RaftError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+    return device
+
+
+def sha256_text(*parts: Any) -> str:
+    """Stable hash of JSON-serialisable parts (used as cache keys)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------- atomic writes
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old complete file or the new complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=2, ensure_ascii=False), mode="w")
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda fh: yaml.safe_dump(obj, fh, sort_keys=False), mode="w")
+
+
+def torch_save(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def torch_load(path: str | Path, what: str = "file") -> Any:
+    """Load tensors/plain containers only (``weights_only=True``): no pickled code runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RaftError(f"{what} not found: {path}") from None
+    except Exception as exc:  # corrupt, truncated, or needs pickle code
+        raise RaftError(f"cannot read {what} {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+# --------------------------------------------------------------------------- logging
+def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
+    """Log to stdout and (optionally) a file; re-callable for a new run folder."""
+    logger = logging.getLogger("raft")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, mode="a")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
