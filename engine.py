@@ -9,7 +9,6 @@ import argparse
 import math
 import platform
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,9 +20,10 @@ from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip
 from clip.region_pool import RegionAttentionPool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import DatasetSplits, Datum, few_shot, sample_per_class, save_list
-from datasets.loader import eval_transform, make_loader, train_transform
+from datasets.loader import eval_transform, make_loader
+from features import LiveSource, ViewSource, eval_store, live_batches
 from loss import cosine_logits, raft_loss
-from utils import (Config, RaftError, resolve_device, set_seed, setup_logging, torch_load, torch_save,
+from utils import (Config, RaftError, autocast, resolve_device, set_seed, setup_logging, torch_load, torch_save,
                    write_json, write_yaml)
 
 CHECKPOINT_FORMAT = 1
@@ -39,21 +39,18 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA only; CPU runs in fp32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
-
-
 # --------------------------------------------------------------------------- training
-def train_pool(pool: RegionAttentionPool, clip: FrozenCLIP, text: torch.Tensor, loader, cfg: Config,
-               device: torch.device, log) -> dict:
-    """AdamW over the region pool only, learning rate set per iteration (METHOD.md §6)."""
+def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Config, device: torch.device,
+               log) -> dict:
+    """AdamW over the region pool only, learning rate set per iteration (METHOD.md §6).
+
+    ``source`` yields ``(feature map, v0, labels)`` batches for an epoch: computed on the fly
+    (faithful mode) or read from cached views; the loop is the same.
+    """
     use_amp = cfg.amp and device.type == "cuda"
     optimizer = torch.optim.AdamW(pool.parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    per_epoch = len(loader)
+    per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
     step = 0
     history = []
@@ -61,15 +58,13 @@ def train_pool(pool: RegionAttentionPool, clip: FrozenCLIP, text: torch.Tensor, 
     for epoch in range(1, cfg.train_epoch + 1):
         sums = {"loss": 0.0, "cls": 0.0, "bg": 0.0, "l1": 0.0, "sep": 0.0}
         correct = seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False, dynamic_ncols=True, disable=None)
-        for images, labels in bar:
+        bar = tqdm(source.epoch(epoch), total=per_epoch, desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False,
+                   dynamic_ncols=True, disable=None)
+        for fmap, v0, labels in bar:
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
             with autocast(device, use_amp):
-                fmap, v0 = clip.encode_image(images)
                 v_cls, v_bg = pool(fmap)
             loss, terms = raft_loss(v_cls, v_bg, v0, text, labels, tau1=cfg.tau1, tau2=cfg.tau2,
                                     lambda1=cfg.lambda1, lambda2=cfg.lambda2, scale=cfg.logit_scale)
@@ -115,20 +110,20 @@ class SplitLogits(NamedTuple):
 
 
 @torch.no_grad()
-def collect_logits(pool: RegionAttentionPool, clip: FrozenCLIP, text: torch.Tensor, loader,
-                   device: torch.device, amp: bool, desc: str, scale: float = 100.0) -> SplitLogits:
-    """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split."""
+def collect_logits(pool: RegionAttentionPool, text: torch.Tensor, batches, device: torch.device, amp: bool,
+                   desc: str, scale: float = 100.0) -> SplitLogits:
+    """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split, from
+    ``(feature map, v0, labels)`` batches."""
     pool.eval()
     num_classes = text.shape[1] - 1
     cls_all, clip_all, labels_all, cos_sum = [], [], [], 0.0
-    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for fmap, v0, labels in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         with autocast(device, amp):
-            fmap, v0 = clip.encode_image(images.to(device, non_blocking=True))
             v_cls, v_bg = pool(fmap)
         cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
         clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
         cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum().item()
-        labels_all.append(labels)
+        labels_all.append(labels.cpu())
     labels = torch.cat(labels_all)
     return SplitLogits(torch.cat(cls_all), torch.cat(clip_all), labels, cos_sum / max(1, len(labels)))
 
@@ -234,7 +229,8 @@ def adopt_training_settings(cfg: Config, ckpt: dict, log) -> Config:
 
 # --------------------------------------------------------------------------- the pipeline
 def run_name(cfg: Config) -> str:
-    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}"
+    views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
+    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}"
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -304,13 +300,11 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
     size = clip.image_size
 
-    def loader(items, transform, batch_size, shuffle=False):
-        return make_loader(items, transform, batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
-                           seed=cfg.seed, device=device)
-
     if cfg.calibrate_bn:
-        batches = (x.to(device) for x, _ in loader(train_items, eval_transform(size), cfg.eval_batch_size))
-        log.info(f"BatchNorm statistics re-estimated on {calibrate_batchnorm(clip, batches)} training images")
+        loader = make_loader(train_items, eval_transform(size), cfg.eval_batch_size, shuffle=False,
+                             num_workers=cfg.num_workers, device=device)
+        seen = calibrate_batchnorm(clip, (x.to(device) for x, _ in loader))
+        log.info(f"BatchNorm statistics re-estimated on {seen} training images")
     text = build_text(clip, data, cfg, log).to(device)
     pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls).to(device)
     log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): feature map {clip.feature_channels}×"
@@ -330,8 +324,14 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
             save_list(run_dir / "val_from_train.json", val_items, data.root, dataset=cfg.dataset, seed=cfg.seed)
         set_seed(cfg.seed)
         start = time.perf_counter()
-        train_pool(pool, clip, text, loader(train_items, train_transform(size), cfg.batch_size, True),
-                   cfg, device, log)
+        common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp,
+                      num_workers=cfg.num_workers)
+        if cfg.train_views:
+            source = ViewSource(clip, train_items, cfg.train_views, cache_dir=cfg.cache_dir,
+                                name=f"{cfg.dataset}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
+        else:
+            source = LiveSource(clip, train_items, **common)
+        train_pool(pool, text, source, cfg, device, log)
         train_seconds = time.perf_counter() - start
         save_checkpoint(ckpt_path, pool, cfg, data.num_classes)
         log.info(f"trained in {train_seconds:.1f}s; checkpoint {ckpt_path}")
@@ -339,9 +339,15 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     # evaluate: logits once per split, then the alpha search is cheap
     start = time.perf_counter()
 
-    def logits_of(items, desc):
-        return collect_logits(pool, clip, text, loader(items, eval_transform(size), cfg.eval_batch_size),
-                              device, use_amp, desc, cfg.logit_scale)
+    def logits_of(items, split):
+        if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
+            store = eval_store(clip, items, cfg.cache_dir, f"{cfg.dataset}_{split}", cfg.eval_batch_size,
+                               cfg.num_workers, device, use_amp)
+            batches = store.batches(cfg.eval_batch_size, device)
+        else:
+            batches = live_batches(clip, items, eval_transform(size), cfg.eval_batch_size, cfg.num_workers,
+                                   device, use_amp)
+        return collect_logits(pool, text, batches, device, use_amp, split, cfg.logit_scale)
 
     val_logits = logits_of(val_items, "val") if val_items else None
     test_logits = logits_of(data.test, "test")

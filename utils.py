@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,7 +95,10 @@ SCHEMA: dict[str, Key] = {
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
     "num_workers": Key((int,), 4, "data-loading worker processes", False, _non_negative, ">= 0"),
-    "cache_dir": Key((str,), "cache", "folder for text-feature caches"),
+    "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
+    "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
+    "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
+                                     "per image computed once and cycled through the epochs", True, _positive, "> 0"),
     "output_dir": Key((str,), "output", "root of the run folders"),
 }
 
@@ -253,6 +257,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RaftError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
     return device
+
+
+def autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA only (mixed precision); CPU runs in fp32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
 
 
 def sha256_text(*parts: Any) -> str:

@@ -5,7 +5,9 @@ A copy of CLIP's attention pool whose token sequence carries two summary tokens,
     [mean(F), mean(F), F_1 … F_HW] + positional embedding (row 0 duplicated),
 
 so that token 0 learns the class-region feature and token 1 the background feature.
-Only the two summary tokens' outputs are used, so only they are queried.
+Only the two summary tokens' outputs are used, so only they are queried, and the key and
+value projections are folded into the query side (see ``attention``): the pool costs a few
+E×E products per image instead of projecting all HW+2 tokens.
 """
 from __future__ import annotations
 
@@ -50,23 +52,36 @@ class RegionAttentionPool(nn.Module):
         return self.c_proj.out_features
 
     def attention(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention outputs of the two summary tokens before ``c_proj`` (``B×2×E``) and the
-        attention weights (``B×heads×2×(HW+2)``)."""
-        tokens = summary_tokens(fmap, self.positional_embedding, 2)    # B, N, E
+        """Per-head attention outputs of the two summary tokens, before ``c_proj`` (``B×2×E``),
+        and the attention weights (``B×heads×2×(HW+2)``).
+
+        Keys and values are folded into the query side, so the ``HW+2`` tokens are never
+        projected. Per head h, with ``x_j`` the tokens:
+          q·(W_k x_j + b_k) = (W_kᵀ q)·x_j + q·b_k   — the last term is the same for every j
+                                                       and softmax cancels it;
+          Σ_j a_j (W_v x_j + b_v) = W_v (Σ_j a_j x_j) + b_v   — because Σ_j a_j = 1.
+        Same outputs and gradients as multi-head attention over all tokens (``all_token_forward``).
+        """
+        tokens = summary_tokens(fmap, self.positional_embedding, 2)        # B, N, E
         b, n, e = tokens.shape
         h = self.num_heads
         d = e // h
-        q = self.q_proj(tokens[:, :2]).view(b, 2, h, d).transpose(1, 2)   # B,h,2,d
-        k = self.k_proj(tokens).view(b, n, h, d).transpose(1, 2)          # B,h,N,d
-        v = self.v_proj(tokens).view(b, n, h, d).transpose(1, 2)          # B,h,N,d
-        scores = (q * d ** -0.5) @ k.transpose(-2, -1)                    # B,h,2,N
+        q = self.q_proj(tokens[:, :2]).view(b, 2, h, d) * d ** -0.5       # B, 2, h, d
+        w_k = self.k_proj.weight.view(h, d, e)
+        u = torch.einsum("bshd,hde->bshe", q, w_k)                         # B, 2, h, E: W_kᵀ q
+        scores = torch.einsum("bshe,bne->bshn", u, tokens)                 # B, 2, h, N
+        # q·b_k shifts every score of a query alike, so softmax cancels it; kept so that b_k
+        # sees the same (zero) gradient, and thus the same AdamW update, as in full attention.
+        scores = scores + (q * self.k_proj.bias.view(h, d)).sum(-1, keepdim=True)
         if self.mask_bg_in_cls:
-            mask = torch.zeros(2, n, dtype=torch.bool, device=fmap.device)
-            mask[0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
+            mask = torch.zeros(2, 1, n, dtype=torch.bool, device=fmap.device)
+            mask[0, 0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
             scores = scores.masked_fill(mask, float("-inf"))
         weights = scores.softmax(dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(b, 2, e)
-        return out, weights
+        mixed = torch.einsum("bshn,bne->bshe", weights, tokens)            # B, 2, h, E: Σ_j a_j x_j
+        w_v = self.v_proj.weight.view(h, d, e)
+        out = torch.einsum("bshe,hde->bshd", mixed, w_v) + self.v_proj.bias.view(h, d)
+        return out.reshape(b, 2, e), weights.transpose(1, 2)
 
     def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.attention(fmap)

@@ -93,3 +93,35 @@ def test_built_from_a_real_open_clip_model(tiny_clip):
     assert fmap.shape == (2, tiny_clip.feature_channels, tiny_clip.grid, tiny_clip.grid)
     assert torch.allclose(pool(fmap)[0], v0, atol=1e-5)
     assert torch.allclose(v0, tiny_clip.model.encode_image(images), atol=1e-5)  # one trunk pass = CLIP's feature
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("grid,e,heads,d", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_folded_pool_matches_full_attention_outputs_and_every_gradient(grid, e, heads, d, dtype):
+    clip_pool = make_attnpool(grid, e, heads, d, seed=3)
+    ours = RegionAttentionPool(clip_pool).to(dtype)
+    with torch.no_grad():
+        ours.positional_embedding[1] += 0.5 * torch.randn(e, dtype=dtype)
+    ref = RegionAttentionPool(clip_pool).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    torch.manual_seed(4)
+    fmap = torch.randn(4 if e > 1000 else 8, e, grid, grid, dtype=dtype).relu()
+    weights = torch.randn(2, fmap.shape[0], d, dtype=dtype)
+    outs = []
+    for pool, fn in ((ours, lambda: ours(fmap)), (ref, lambda: all_token_forward(ref, fmap))):
+        v_cls, v_bg = fn()
+        ((v_cls * weights[0]).sum() + (v_bg * weights[1]).pow(2).sum()).backward()
+        outs.append((v_cls.detach(), v_bg.detach(), dict(pool.named_parameters())))
+    tol = 1e-4
+    assert max_rel(outs[0][0], outs[1][0]) <= tol and max_rel(outs[0][1], outs[1][1]) <= tol
+    largest = max(p.grad.abs().max() for p in outs[1][2].values())
+    for name, p_ref in outs[1][2].items():
+        g, g_ref = outs[0][2][name].grad, p_ref.grad
+        if name == "k_proj.bias":   # provably zero: softmax cancels it, in both computations
+            assert g.abs().max() <= 1e-5 * largest and g_ref.abs().max() <= 1e-5 * largest
+        else:
+            assert max_rel(g, g_ref) <= tol, name

@@ -1,0 +1,157 @@
+"""Trunk-feature caches and training sources (features.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import RandomResizedCrop
+
+from clip.region_pool import RegionAttentionPool
+from datasets import read_coop_dataset
+from features import (FeatureStore, LiveSource, ViewSource, augment, build_store, crop_params, eval_store,
+                      live_batches)
+from datasets.loader import eval_transform
+from engine import collect_logits
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def counting(tiny_clip, monkeypatch):
+    """Count trunk calls (images through the frozen trunk)."""
+    calls = []
+    original = type(tiny_clip).encode_image
+
+    def encode(self, images):
+        calls.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(type(tiny_clip), "encode_image", encode)
+    return calls
+
+
+@pytest.fixture()
+def demo(demo_root):
+    return read_coop_dataset("demo", demo_root)
+
+
+def store_of(clip, items, cache, name="t"):
+    return eval_store(clip, items, cache, name, batch_size=8, num_workers=0, device=CPU, amp=False)
+
+
+def test_eval_store_is_computed_once_and_matches_the_trunk(tiny_clip, demo, tmp_path, counting):
+    store = store_of(tiny_clip, demo.test, tmp_path)
+    assert sum(counting) == len(demo.test)
+    again = store_of(tiny_clip, demo.test, tmp_path)
+    assert sum(counting) == len(demo.test)            # reused: no new trunk pass
+    assert again.path == store.path and len(again) == len(demo.test)
+    live = list(live_batches(tiny_clip, demo.test, eval_transform(tiny_clip.image_size), 8, 0, CPU, False))
+    fmap = torch.cat([b[0] for b in live])
+    cached = torch.cat([b[0] for b in again.batches(8, CPU)])
+    assert cached.shape == fmap.shape
+    assert torch.allclose(cached, fmap, rtol=2e-3, atol=1e-3)       # float16 storage
+    assert torch.equal(torch.cat([b[2] for b in again.batches(8, CPU)]), torch.tensor([d.label for d in demo.test]))
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    assert manifest["maps_dtype"] == "float16" and manifest["images"] == len(demo.test)
+
+
+def test_any_changed_input_makes_a_new_cache(tiny_clip, demo, tmp_path, counting):
+    base = store_of(tiny_clip, demo.test, tmp_path).path
+    assert store_of(tiny_clip, demo.test[:-1], tmp_path).path != base          # image list
+    touched = demo.test[0].path
+    st = os.stat(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))             # image file changed
+    try:
+        assert store_of(tiny_clip, demo.test, tmp_path).path != base
+    finally:
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip
+    other = FrozenCLIP(load_open_clip("tiny-rn", None), "tiny-rn")             # weights changed
+    calibrate_batchnorm(other, [torch.rand(4, 3, 96, 96)])
+    assert store_of(other, demo.test, tmp_path).path != base
+    assert store_of(tiny_clip, demo.test, tmp_path).path == base               # the original still serves
+
+
+def test_a_store_without_matching_manifest_is_rebuilt(tiny_clip, demo, tmp_path, counting):
+    path = store_of(tiny_clip, demo.val, tmp_path).path
+    n = sum(counting)
+    (path / "manifest.json").write_text("{broken")
+    store_of(tiny_clip, demo.val, tmp_path)
+    assert sum(counting) == 2 * n
+    (path / "manifest.json").unlink()                                           # crash before the manifest
+    store_of(tiny_clip, demo.val, tmp_path)
+    assert sum(counting) == 3 * n and FeatureStore.valid(path, json.loads((path / "manifest.json").read_text())["key"])
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_float16_overflow_falls_back_to_float32(tiny_clip, tmp_path):
+    def batches():
+        yield torch.full((2, 256, 3, 3), 1e6), torch.zeros(2, 64), torch.tensor([0, 1])
+
+    store = build_store(tmp_path / "big", {"key": "k"}, 2, batches, tiny_clip, "big")
+    assert store.maps.dtype == np.float32 and float(store.maps[0, 0, 0, 0]) == 1e6
+
+
+def test_shuffled_reads_return_the_requested_rows(tiny_clip, demo, tmp_path):
+    store = store_of(tiny_clip, demo.test, tmp_path)
+    order = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([b[1] for b in store.batches(5, CPU, order)])
+    assert torch.equal(rows, torch.from_numpy(np.array(store.pooled))[order])
+
+
+def test_float16_maps_barely_move_the_logits(tiny_clip, demo, tmp_path):
+    """What float16 storage costs: logits from cached maps vs the float32 trunk output."""
+    pool = RegionAttentionPool(tiny_clip.attnpool)
+    text = torch.nn.functional.normalize(torch.randn(tiny_clip.embed_dim, 5), dim=0)
+    cached = collect_logits(pool, text, store_of(tiny_clip, demo.test, tmp_path).batches(8, CPU), CPU, False, "c")
+    live = collect_logits(pool, text, live_batches(tiny_clip, demo.test, eval_transform(96), 8, 0, CPU, False),
+                          CPU, False, "l")
+    assert (cached.cls - live.cls).abs().max() < 0.05 and (cached.clip - live.clip).abs().max() < 1e-4
+    assert (cached.cls.argmax(1) == live.cls.argmax(1)).float().mean() >= 0.97
+
+
+def test_crop_sampler_reproduces_random_resized_crop():
+    mismatches = 0
+    for k, (h, w) in enumerate([(300, 400), (500, 240), (224, 224), (120, 900)] * 50):
+        torch.manual_seed(k)
+        ref = RandomResizedCrop.get_params(torch.empty(3, h, w), scale=[0.8, 1.0], ratio=[3 / 4, 4 / 3])
+        mine = crop_params(h, w, torch.Generator().manual_seed(k))
+        mismatches += tuple(ref) != mine
+    assert mismatches <= 2   # float32 vs float64 rounding of the aspect ratio, rarely
+
+
+def test_augment_shapes_range_and_flips():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.zeros(3, 120, 160, dtype=torch.uint8)
+    img[:, :, :80] = 255                           # left half white
+    out = augment([img] * 64, 64, gen, CPU)
+    assert out.shape == (64, 3, 64, 64)
+    left_white = out[:, 0, :, :8].mean((1, 2)) > out[:, 0, :, -8:].mean((1, 2))
+    assert 16 < left_white.sum() < 48              # about half the images are flipped
+    assert out.min() >= (0 - 0.48145466) / 0.26862954 - 1e-4 and out.max() <= (1 - 0.40821073) / 0.27577711 + 1e-4
+
+
+def test_live_source_is_seeded_and_fresh_each_epoch(tiny_clip, demo):
+    a = LiveSource(tiny_clip, demo.train, batch_size=16, seed=3, device=CPU, amp=False, num_workers=0)
+    b = LiveSource(tiny_clip, demo.train, batch_size=16, seed=3, device=CPU, amp=False, num_workers=0)
+    assert len(a) == 2
+    first = [x[1] for x in a.epoch(1)]
+    assert all(torch.equal(x, y[1]) for x, y in zip(first, b.epoch(1)))
+    second = [x[1] for x in a.epoch(2)]
+    assert not torch.equal(first[0], second[0])
+
+
+def test_view_source_computes_views_once_and_cycles(tiny_clip, demo, tmp_path, counting):
+    kw = dict(views=3, batch_size=16, seed=1, cache_dir=tmp_path, name="v", device=CPU, amp=False, num_workers=0)
+    src = ViewSource(tiny_clip, demo.train, **kw)
+    n = len(demo.train)
+    assert sum(counting) == 3 * n and len(src.store) == 3 * n
+    ViewSource(tiny_clip, demo.train, **kw)
+    assert sum(counting) == 3 * n                              # cached
+    epochs = [torch.cat([b[1] for b in src.epoch(e)]) for e in (1, 2, 4)]
+    pooled = torch.from_numpy(np.array(src.store.pooled))
+    for e, feats in zip((1, 2, 4), epochs):
+        view = pooled[((e - 1) % 3) * n:((e - 1) % 3 + 1) * n]
+        assert sorted(feats[:, 0].tolist()) == sorted(view[:, 0].tolist())
+    assert not torch.allclose(pooled[:n], pooled[n:2 * n])   # views differ
