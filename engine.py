@@ -40,6 +40,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
 
 
 # --------------------------------------------------------------------------- training
+def adamw(params: list, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW (eps 1e-4 by default); the fused single-kernel update where this torch has it."""
+    kwargs = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Config, device: torch.device,
                log) -> dict:
     """AdamW over the region pool only, learning rate set per iteration (METHOD.md §6).
@@ -48,7 +57,7 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
     (faithful mode) or read from cached views; the loop is the same.
     """
     use_amp = cfg.amp and device.type == "cuda"
-    optimizer = torch.optim.AdamW(pool.parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = adamw(list(pool.parameters()), cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch

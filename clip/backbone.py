@@ -6,6 +6,7 @@ feature. Everything in here is frozen and stays in eval mode.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import warnings
@@ -15,6 +16,9 @@ from pathlib import Path
 import open_clip
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from clip.region_pool import clip_pool_forward
 
 from utils import RaftError
 
@@ -115,8 +119,7 @@ class FrozenCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, backbone: str):
         super().__init__()
-        # channels_last: the same convolutions, 1.3-1.6x faster on CPU (oneDNN) and on CUDA tensor cores
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.model = model.eval()
         self.backbone = backbone
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -129,6 +132,7 @@ class FrozenCLIP(nn.Module):
         self.embed_dim = pool.c_proj.out_features                # D
         self.grid = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))  # H = W
         self._fingerprint: str | None = None
+        self._fast_trunk: nn.Module | None = None
 
     def train(self, mode: bool = True):  # frozen means frozen: BatchNorm statistics never move
         return super().train(False)
@@ -139,15 +143,21 @@ class FrozenCLIP(nn.Module):
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         """Feature map of the last residual stage, ``B×E×H×W``."""
-        v = self.model.visual
-        x = v.stem(images.to(v.conv1.weight.dtype).contiguous(memory_format=torch.channels_last))
-        return v.layer4(v.layer3(v.layer2(v.layer1(x))))
+        if self._fast_trunk is None:
+            self._fast_trunk = inference_trunk(self.model.visual)
+        return self._fast_trunk(images.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One trunk forward -> (feature map ``B×E×H×W``, CLIP's pooled feature ``v0`` ``B×D``)."""
+        """One trunk forward -> (feature map ``B×E×H×W``, CLIP's pooled feature ``v0`` ``B×D``).
+
+        ``v0`` equals ``attnpool(fmap)``; only its class token is queried (clip_pool_forward)."""
         fmap = self.trunk(images)
-        return fmap, self.attnpool(fmap)
+        return fmap, clip_pool_forward(self.attnpool, fmap)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: rebuild the fused trunk from the moved model
+        self._fast_trunk = None
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
@@ -166,6 +176,31 @@ class FrozenCLIP(nn.Module):
         return self._fingerprint
 
 
+def inference_trunk(visual: nn.Module) -> nn.Module:
+    """The frozen trunk (stem + 4 residual stages) with every BatchNorm folded into the
+    convolution before it, in channels-last layout. Same function (to float rounding),
+    ~20% less work; channels-last convolutions are 1.3-1.6x faster on CPU (oneDNN) and use
+    tensor cores on CUDA. The original modules are left untouched (state dict, calibration)."""
+    trunk = copy.deepcopy(nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2,
+                                        visual.act2, visual.conv3, visual.bn3, visual.act3, visual.avgpool,
+                                        visual.layer1, visual.layer2, visual.layer3, visual.layer4))
+
+    def fold(module: nn.Module) -> None:
+        names = list(module._modules)
+        for prev, name in zip(names, names[1:]):
+            conv, norm = module._modules[prev], module._modules[name]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module._modules[prev] = fuse_conv_bn_eval(conv, norm)
+                module._modules[name] = nn.Identity()
+        for child in module.children():
+            fold(child)
+
+    fold(trunk)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    return trunk.eval().to(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def calibrate_batchnorm(clip: FrozenCLIP, batches) -> int:
     """Re-estimate the trunk's BatchNorm running statistics from images (cumulative average).
@@ -179,13 +214,15 @@ def calibrate_batchnorm(clip: FrozenCLIP, batches) -> int:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
         nn.Module.train(m, True)
+    v = clip.model.visual
     seen = 0
     try:
-        for images in batches:
-            clip.trunk(images)
+        for images in batches:  # through the original modules: the fused trunk has no BatchNorm
+            v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
             seen += images.shape[0]
     finally:
         for m in norms:
             nn.Module.train(m, False)
     clip._fingerprint = None
+    clip._fast_trunk = None
     return seen

@@ -6,8 +6,8 @@ A copy of CLIP's attention pool whose token sequence carries two summary tokens,
 
 so that token 0 learns the class-region feature and token 1 the background feature.
 Only the two summary tokens' outputs are used, so only they are queried, and the key and
-value projections are folded into the query side (see ``attention``): the pool costs a few
-E×E products per image instead of projecting all HW+2 tokens.
+value projections are folded into the query side (``folded_attention``): the pool costs a
+few E×E products per image instead of projecting all HW+2 tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +23,42 @@ def summary_tokens(fmap: torch.Tensor, positional_embedding: torch.Tensor, n_sum
     x = fmap.flatten(2).transpose(1, 2)                       # B, HW, E (row-major, as CLIP's pool)
     mean = x.mean(dim=1, keepdim=True).expand(-1, n_summary, -1)
     return torch.cat([mean, x], dim=1) + positional_embedding.to(x.dtype)
+
+
+def folded_attention(tokens: torch.Tensor, n_query: int, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+                     num_heads: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention of the first ``n_query`` tokens over all tokens (``B×N×E``), before
+    the output projection: returns ``B×n_query×E`` and the weights ``B×heads×n_query×N``.
+
+    Keys and values are folded into the query side, so the N tokens are never projected.
+    Per head h, with ``x_j`` the tokens:
+      q·(W_k x_j + b_k) = (W_kᵀ q)·x_j + q·b_k   — the last term is the same for every j;
+      Σ_j a_j (W_v x_j + b_v) = W_v (Σ_j a_j x_j) + b_v   — because Σ_j a_j = 1.
+    Same outputs and gradients as attention over all tokens (``all_token_forward``).
+    """
+    b, n, e = tokens.shape
+    h = num_heads
+    d = e // h
+    q = q_proj(tokens[:, :n_query]).view(b, n_query, h, d) * d ** -0.5       # B, Q, h, d
+    u = torch.einsum("bshd,hde->bshe", q, k_proj.weight.view(h, d, e))         # B, Q, h, E: W_kᵀ q
+    scores = torch.einsum("bshe,bne->bshn", u, tokens)                         # B, Q, h, N
+    # q·b_k shifts every score of a query alike and softmax cancels it; kept so that b_k gets
+    # the same (zero) gradient, hence the same AdamW update, as in full attention.
+    scores = scores + (q * k_proj.bias.view(h, d)).sum(-1, keepdim=True)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    mixed = torch.einsum("bshn,bne->bshe", weights, tokens)                    # B, Q, h, E: Σ_j a_j x_j
+    out = torch.einsum("bshe,hde->bshd", mixed, v_proj.weight.view(h, d, e)) + v_proj.bias.view(h, d)
+    return out.reshape(b, n_query, e), weights.transpose(1, 2)
+
+
+def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """CLIP's own attention pool (its class-token output ``v0``), queried for that token only:
+    equal to ``attnpool(fmap)``, which computes outputs for all HW+1 tokens and keeps one."""
+    tokens = summary_tokens(fmap, attnpool.positional_embedding, 1)
+    out, _ = folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj, attnpool.num_heads)
+    return attnpool.c_proj(out[:, 0])
 
 
 class RegionAttentionPool(nn.Module):
@@ -52,36 +88,14 @@ class RegionAttentionPool(nn.Module):
         return self.c_proj.out_features
 
     def attention(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head attention outputs of the two summary tokens, before ``c_proj`` (``B×2×E``),
-        and the attention weights (``B×heads×2×(HW+2)``).
-
-        Keys and values are folded into the query side, so the ``HW+2`` tokens are never
-        projected. Per head h, with ``x_j`` the tokens:
-          q·(W_k x_j + b_k) = (W_kᵀ q)·x_j + q·b_k   — the last term is the same for every j
-                                                       and softmax cancels it;
-          Σ_j a_j (W_v x_j + b_v) = W_v (Σ_j a_j x_j) + b_v   — because Σ_j a_j = 1.
-        Same outputs and gradients as multi-head attention over all tokens (``all_token_forward``).
-        """
-        tokens = summary_tokens(fmap, self.positional_embedding, 2)        # B, N, E
-        b, n, e = tokens.shape
-        h = self.num_heads
-        d = e // h
-        q = self.q_proj(tokens[:, :2]).view(b, 2, h, d) * d ** -0.5       # B, 2, h, d
-        w_k = self.k_proj.weight.view(h, d, e)
-        u = torch.einsum("bshd,hde->bshe", q, w_k)                         # B, 2, h, E: W_kᵀ q
-        scores = torch.einsum("bshe,bne->bshn", u, tokens)                 # B, 2, h, N
-        # q·b_k shifts every score of a query alike, so softmax cancels it; kept so that b_k
-        # sees the same (zero) gradient, and thus the same AdamW update, as in full attention.
-        scores = scores + (q * self.k_proj.bias.view(h, d)).sum(-1, keepdim=True)
+        """Attention outputs of the two summary tokens before ``c_proj`` (``B×2×E``) and the
+        attention weights (``B×heads×2×(HW+2)``)."""
+        tokens = summary_tokens(fmap, self.positional_embedding, 2)
+        mask = None
         if self.mask_bg_in_cls:
-            mask = torch.zeros(2, 1, n, dtype=torch.bool, device=fmap.device)
+            mask = torch.zeros(2, 1, tokens.shape[1], dtype=torch.bool, device=fmap.device)
             mask[0, 0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
-            scores = scores.masked_fill(mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
-        mixed = torch.einsum("bshn,bne->bshe", weights, tokens)            # B, 2, h, E: Σ_j a_j x_j
-        w_v = self.v_proj.weight.view(h, d, e)
-        out = torch.einsum("bshe,hde->bshd", mixed, w_v) + self.v_proj.bias.view(h, d)
-        return out.reshape(b, 2, e), weights.transpose(1, 2)
+        return folded_attention(tokens, 2, self.q_proj, self.k_proj, self.v_proj, self.num_heads, mask)
 
     def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.attention(fmap)

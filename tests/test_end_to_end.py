@@ -136,3 +136,19 @@ def test_imagenet_train_then_test_from_checkpoint(tmp_path):
     evaluated = json.loads((run_dir / "results_eval.json").read_text())
     assert evaluated["shots"] == 4 and evaluated["test_acc"] == results["test_acc"]
     assert evaluated["shift"]["imagenet_sketch"] == results["shift"]["imagenet_sketch"]
+
+
+def test_sweep_script_skips_finished_runs_and_reuses_eval_features(demo_root, tmp_path):
+    overrides = ["--data_path", str(demo_root), "--num_classes", "4", "--output_dir", str(tmp_path / "out"),
+                 "--cache_dir", str(tmp_path / "cache"), "--calibrate_bn", "false", *FAST]
+    cmd = ["bash", str(ROOT / "scripts/sweep.sh"), "demo", "4", "1 2", *overrides]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted((tmp_path / "out" / "demo").iterdir())
+    assert [r.name for r in runs] == ["tiny-rn_4shots_seed1", "tiny-rn_4shots_seed2"]
+    assert all((r / "results.json").is_file() for r in runs)
+    second_log = (runs[1] / "log.txt").read_text()
+    assert "demo_val: cached trunk features" in second_log and "demo_test: cached trunk features" in second_log
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2      # val + test, once for the sweep
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2

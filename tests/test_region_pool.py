@@ -125,3 +125,20 @@ def test_folded_pool_matches_full_attention_outputs_and_every_gradient(grid, e, 
             assert g.abs().max() <= 1e-5 * largest and g_ref.abs().max() <= 1e-5 * largest
         else:
             assert max_rel(g, g_ref) <= tol, name
+
+
+@pytest.mark.parametrize("grid,e,heads,d", SIZES)
+def test_clip_pooled_feature_queried_for_its_class_token_only(grid, e, heads, d):
+    from clip.region_pool import clip_pool_forward
+    clip_pool = make_attnpool(grid, e, heads, d).double()
+    fmap = torch.randn(3, e, grid, grid, dtype=torch.float64).relu()
+    assert torch.allclose(clip_pool_forward(clip_pool, fmap), clip_pool(fmap), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_trunk_computes_the_original_trunk(tiny_clip):
+    v = tiny_clip.model.visual
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
+    assert torch.allclose(tiny_clip.trunk(images), ref, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_clip._fast_trunk.modules())

@@ -1,0 +1,299 @@
+"""Speed benchmark: this implementation vs the straightforward RAFT pipeline, side by side.
+
+    python bench/bench_speed.py                        # CPU, RN50 sizes, random weights
+    python bench/bench_speed.py --device cuda --batch 64 --shots 16 --classes 10
+    python bench/bench_speed.py --quick                # smaller, for a first look
+
+Cost does not depend on weight values, so the backbone is randomly initialised. Everything
+runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). Four parts:
+
+1. region pool forward+backward: the folded two-token pool vs multi-head attention over all
+   HW+2 tokens (as the reference computes it) — time and FLOPs (torch's FLOP counter);
+2. one training epoch: faithful mode (decode once, batched augmentation, channels-last trunk,
+   folded pool) vs the straightforward per-step pipeline (DataLoader decoding + PIL
+   augmentation every step, plain trunk, all-token pool) — time, and the share in the trunk;
+3. a 3-run sweep (seeds 1, 2, 3) with and without the cached val/test features;
+4. `train_views: 10` vs faithful mode, per epoch and per run (--epochs epochs), plus
+   a repeated evaluation on a cached test set vs recomputing it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import engine  # noqa: E402
+from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
+from clip.region_pool import RegionAttentionPool, all_token_forward  # noqa: E402
+from datasets import few_shot, read_coop_dataset  # noqa: E402
+from datasets.demo import ensure_demo_dataset  # noqa: E402
+from datasets.loader import eval_transform, make_loader, train_transform  # noqa: E402
+from features import LiveSource, ViewSource, eval_store, live_batches  # noqa: E402
+from utils import autocast, build_config, setup_logging  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulates wall-clock time of a wrapped callable (synchronising CUDA around it)."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.seconds, self.calls = fn, device, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+# --------------------------------------------------------------------------- the straightforward pipeline
+class AllTokenPool(nn.Module):
+    """The region pool computed as the reference does: attention outputs for all HW+2 tokens."""
+
+    def __init__(self, pool: RegionAttentionPool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, fmap):
+        return all_token_forward(self.pool, fmap)
+
+
+class ReferenceSource:
+    """Per-step decoding + PIL augmentation through a DataLoader, and a plain (NCHW) trunk."""
+
+    def __init__(self, model, items, batch_size, seed, device, amp, num_workers):
+        self.visual, self.device, self.amp = model.visual.eval(), device, amp
+        self.loader = make_loader(items, train_transform(model.visual.image_size), batch_size, shuffle=True,
+                                  num_workers=num_workers, seed=seed, device=device)
+
+    def __len__(self):
+        return len(self.loader)
+
+    @torch.no_grad()
+    def trunk(self, images):
+        v = self.visual
+        fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
+        return fmap, v.attnpool(fmap)
+
+    def epoch(self, epoch):
+        for images, labels in self.loader:
+            with autocast(self.device, self.amp):
+                fmap, v0 = self.trunk(images.to(self.device, non_blocking=True))
+            yield fmap, v0, labels.to(self.device)
+
+
+def train_epochs(pool, text, source, cfg, device):
+    log = setup_logging(None)
+    log.disabled = True
+    try:
+        return timed(lambda: engine.train_pool(pool, text, source, cfg, device, log), device)[0]
+    finally:
+        log.disabled = False
+
+
+# --------------------------------------------------------------------------- parts
+def bench_pool(clip, device, batch, reps):
+    pool = RegionAttentionPool(clip.attnpool).to(device)
+    fmap = torch.randn(batch, clip.feature_channels, clip.grid, clip.grid, device=device).relu()
+    fns = {"folded": lambda: pool(fmap), "all-token": lambda: all_token_forward(pool, fmap)}
+
+    def step(fn):
+        a, b = fn()
+        (a.sum() + b.sum()).backward()
+
+    flops, times = {}, {k: [] for k in fns}
+    for name, fn in fns.items():
+        step(fn)
+        with FlopCounterMode(display=False) as counter:
+            step(fn)
+        flops[name] = counter.get_total_flops() / batch
+    for _ in range(reps):  # alternate, so that machine noise hits both alike
+        for name, fn in fns.items():
+            times[name].append(timed(lambda: step(fn), device)[0])
+    t = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "seconds": t, "gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
+            "time_ratio": t["all-token"] / t["folded"], "flop_ratio": flops["all-token"] / flops["folded"]}
+
+
+def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers):
+    """One epoch each way (after a warm-up epoch), with the trunk's share of the time."""
+    out = {}
+    pool = RegionAttentionPool(clip.attnpool).to(device)
+    decode_s, live = timed(lambda: LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers), device)
+    ref = ReferenceSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers)
+    ref_pool = AllTokenPool(RegionAttentionPool(clip.attnpool).to(device))
+    live_watch = Stopwatch(clip.encode_image, device)
+    ref_watch = Stopwatch(ref.trunk, device)
+    clip.encode_image, ref.trunk = live_watch, ref_watch
+    try:
+        train_epochs(pool, text, live, cfg, device)
+        train_epochs(ref_pool, text, ref, cfg, device)  # warm-ups (workers, allocator, oneDNN)
+        for name, p, src, watch in (("faithful", pool, live, live_watch), ("straightforward", ref_pool, ref, ref_watch)):
+            watch.seconds = 0.0
+            seconds = train_epochs(p, text, src, cfg, device)
+            out[name] = {"epoch_seconds": seconds, "trunk_seconds": watch.seconds,
+                         "trunk_share": watch.seconds / seconds}
+    finally:
+        del clip.encode_image
+    out["faithful"]["decode_once_seconds"] = decode_s
+    out["epoch_ratio"] = out["straightforward"]["epoch_seconds"] / out["faithful"]["epoch_seconds"]
+    return out, live
+
+
+def bench_views(clip, text, items, cfg, device, amp, workers, cache, epochs, straightforward_epoch, faithful_epoch,
+                decode_s):
+    pool = RegionAttentionPool(clip.attnpool).to(device)
+    build_s, views = timed(lambda: ViewSource(clip, items, 10, cfg.batch_size, cfg.seed, cache, "bench_train",
+                                              device, amp, workers), device)
+    epoch_s = train_epochs(pool, text, views, cfg, device)
+    run_cfg = build_config(None, dict(cfg) | {"train_epoch": epochs, "warmup_epoch": min(cfg.warmup_epoch, epochs - 1)})
+    run_s = build_s + train_epochs(RegionAttentionPool(clip.attnpool).to(device), text, views, run_cfg, device)
+    faithful_run = decode_s + epochs * faithful_epoch
+    straightforward_run = epochs * straightforward_epoch
+    return {"build_views_seconds": build_s, "epoch_seconds": epoch_s, "run_seconds": run_s, "epochs": epochs,
+            "faithful_run_seconds": faithful_run, "straightforward_run_seconds": straightforward_run,
+            "epoch_ratio_vs_faithful": faithful_epoch / epoch_s,
+            "run_ratio_vs_faithful": faithful_run / run_s, "run_ratio_vs_straightforward": straightforward_run / run_s}
+
+
+def bench_eval(clip, text, items, device, amp, workers, cache, batch):
+    pool = RegionAttentionPool(clip.attnpool).to(device)
+    store = eval_store(clip, items, cache, "bench_eval_timing", batch, workers, device, amp)
+    live_s = timed(lambda: engine.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.image_size),
+                                                                         batch, workers, device, amp),
+                                                 device, amp, "live"), device)[0]
+    cached_s, cached = timed(lambda: engine.collect_logits(pool, text, store.batches(batch, device), device, amp,
+                                                           "cached"), device)
+    return {"images": len(items), "recompute_seconds": live_s, "cached_seconds": cached_s,
+            "ratio": live_s / cached_s}
+
+
+def bench_sweep(args, data_root, work, device):
+    out = {}
+    for cached in (False, True):
+        cache = work / f"sweep_cache_{cached}"
+        total, evals = 0.0, 0.0
+        for seed in (1, 2, 3):
+            cfg = build_config(None, {
+                "dataset": "demo", "data_path": str(data_root), "backbone": args.backbone, "weights": None,
+                "shots": args.shots, "seed": seed, "train_epoch": args.sweep_epochs, "warmup_epoch": 0,
+                "batch_size": args.batch, "eval_batch_size": args.batch, "num_workers": args.workers,
+                "device": str(device), "feature_cache": cached, "cache_dir": str(cache),
+                "output_dir": str(work / f"sweep_out_{cached}"), "descriptions": None})
+            flags = argparse.Namespace(eval_only=False, checkpoint=None, force=True, debug=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # the runs' own logs
+                seconds, results = timed(lambda: engine.run(cfg, flags, read_coop_dataset("demo", data_root)), device)
+            total += seconds
+            evals += results["eval_seconds"]
+        out["cached" if cached else "uncached"] = {"total_seconds": total, "eval_seconds": evals}
+    out["eval_ratio"] = out["uncached"]["eval_seconds"] / out["cached"]["eval_seconds"]
+    out["total_ratio"] = out["uncached"]["total_seconds"] / out["cached"]["total_seconds"]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="RN50")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--eval-per-class", type=int, default=8, help="val and test images per class")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=50, help="epochs of a 'run' in part 4")
+    parser.add_argument("--sweep-epochs", type=int, default=1, help="training epochs per sweep run in part 3")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic JPEGs")
+    parser.add_argument("--work", default=None, help="folder for the dataset and caches (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--quick", action="store_true", help="small settings for a first look")
+    args = parser.parse_args()
+    if args.quick:
+        args.classes, args.shots, args.eval_per_class, args.epochs, args.reps = 2, 8, 4, 10, 3
+    device = torch.device(args.device)
+    amp = device.type == "cuda"
+    work = Path(args.work or tempfile.mkdtemp(prefix="raft_bench_"))
+    data_root = work / "data"
+    ensure_demo_dataset(data_root, per_split=(args.shots, args.eval_per_class, args.eval_per_class),
+                        size=args.image_size, num_classes=args.classes)
+    data = read_coop_dataset("demo", data_root)
+    items = few_shot(data.train, args.shots, 1, data.num_classes)
+    cfg = build_config(None, {"dataset": "demo", "data_path": str(data_root), "backbone": args.backbone,
+                              "train_epoch": 1, "warmup_epoch": 0, "batch_size": args.batch})
+    clip = FrozenCLIP(load_open_clip(args.backbone, None), args.backbone).to(device)
+    plain = load_open_clip(args.backbone, None).to(device).eval()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    text = torch.nn.functional.normalize(torch.randn(clip.embed_dim, data.num_classes + 1, device=device), dim=0)
+    machine = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
+               "backbone": args.backbone, "train_images": len(items), "eval_images": len(data.test),
+               "batch": args.batch}
+    print(f"machine: {machine}")
+    results = {"machine": machine}
+
+    results["pool"] = r = bench_pool(clip, device, args.batch, args.reps)
+    print(f"\n[1] region pool fwd+bwd, batch {args.batch}: folded {r['seconds']['folded'] * 1e3:.1f} ms vs "
+          f"all-token {r['seconds']['all-token'] * 1e3:.1f} ms  -> time ratio {r['time_ratio']:.1f}x; "
+          f"FLOPs/image {r['gflops_per_image']['folded']:.3f} vs {r['gflops_per_image']['all-token']:.3f} G "
+          f"-> FLOP ratio {r['flop_ratio']:.1f}x")
+
+    results["epoch"], _ = bench_epoch(clip, plain, text, items, cfg, device, amp, args.workers)
+    e = results["epoch"]
+    print(f"[2] one training epoch ({len(items)} images): faithful {e['faithful']['epoch_seconds']:.2f}s "
+          f"(trunk {100 * e['faithful']['trunk_share']:.0f}%) vs straightforward "
+          f"{e['straightforward']['epoch_seconds']:.2f}s (trunk {100 * e['straightforward']['trunk_share']:.0f}%) "
+          f"-> {e['epoch_ratio']:.2f}x; one-time decode {e['faithful']['decode_once_seconds']:.2f}s")
+
+    results["sweep"] = s = bench_sweep(args, data_root, work, device)
+    print(f"[3] 3-run sweep (faithful, {args.sweep_epochs} epoch(s) each): eval {s['uncached']['eval_seconds']:.1f}s "
+          f"uncached vs {s['cached']['eval_seconds']:.1f}s cached -> {s['eval_ratio']:.1f}x; whole sweep "
+          f"{s['uncached']['total_seconds']:.1f}s vs {s['cached']['total_seconds']:.1f}s -> {s['total_ratio']:.2f}x")
+
+    results["views"] = v = bench_views(clip, text, items, cfg, device, amp, args.workers, work / "views_cache",
+                                       args.epochs, e["straightforward"]["epoch_seconds"],
+                                       e["faithful"]["epoch_seconds"], e["faithful"]["decode_once_seconds"])
+    print(f"[4] train_views 10: epoch {v['epoch_seconds']:.3f}s ({v['epoch_ratio_vs_faithful']:.1f}x faster than "
+          f"faithful); {v['epochs']}-epoch run {v['run_seconds']:.1f}s (views built in {v['build_views_seconds']:.1f}s) "
+          f"vs faithful {v['faithful_run_seconds']:.1f}s ({v['run_ratio_vs_faithful']:.1f}x) vs straightforward "
+          f"{v['straightforward_run_seconds']:.1f}s ({v['run_ratio_vs_straightforward']:.1f}x)")
+    print("    (faithful and straightforward runs = decode + epochs × the measured epoch of part 2)")
+    results["eval"] = ev = bench_eval(clip, text, data.test, device, amp, args.workers, work / "eval_cache", args.batch)
+    print(f"    repeated evaluation of {ev['images']} test images: recompute {ev['recompute_seconds']:.2f}s vs "
+          f"cached {ev['cached_seconds']:.3f}s -> {ev['ratio']:.0f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwork folder: {work}")
+
+
+if __name__ == "__main__":
+    main()
