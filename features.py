@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.base import Datum
-from datasets.loader import CLIP_MEAN, CLIP_STD, eval_transform, make_loader
+from datasets.loader import CLIP_MEAN, CLIP_STD, UnreadableImage, eval_transform, make_loader, read_rgb
 from utils import RaftError, autocast, sha256_text
 
 log = logging.getLogger("raft")
@@ -66,9 +66,11 @@ class FeatureStore:
     def __init__(self, path: Path):
         self.path = path
         self.manifest = json.loads((path / "manifest.json").read_text())
-        self.maps = np.load(path / "maps.npy", mmap_mode="r")
-        self.pooled = np.load(path / "pooled.npy", mmap_mode="r")
-        self.labels = torch.from_numpy(np.load(path / "labels.npy"))
+        rows = self.manifest["rows"]  # unreadable images skipped while building leave no row
+        self.maps = np.load(path / "maps.npy", mmap_mode="r")[:rows]
+        self.pooled = np.load(path / "pooled.npy", mmap_mode="r")[:rows]
+        self.labels = torch.from_numpy(np.load(path / "labels.npy")[:rows])
+        self.skipped: list[str] = self.manifest.get("skipped", [])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,7 +83,8 @@ class FeatureStore:
                 return False
             maps = np.load(path / "maps.npy", mmap_mode="r")
             pooled = np.load(path / "pooled.npy", mmap_mode="r")
-            return list(maps.shape) == manifest["maps_shape"] and list(pooled.shape) == manifest["pooled_shape"]
+            return (list(maps.shape) == manifest["maps_shape"] and list(pooled.shape) == manifest["pooled_shape"]
+                    and 0 <= manifest["rows"] <= maps.shape[0])
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             return False
 
@@ -105,37 +108,68 @@ class FeatureStore:
             yield fmap, v0, self.labels[torch.from_numpy(rows)].to(device, non_blocking=True)
 
 
+def remove_stale_temporaries(final: Path) -> None:
+    """Temporary folders of builds whose process is gone (killed mid-build) are garbage."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+            if int(pid) == os.getpid():
+                raise ProcessLookupError
+        except (ProcessLookupError, ValueError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def allocated_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A .npy memory map whose disk space is reserved up front: a full disk raises ENOSPC here
+    instead of killing the process with SIGBUS when the pages are written later."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.path.getsize(path))
+    return array
+
+
 class StoreWriter:
     """Fills a new store folder in a temporary sibling, then renames it into place."""
 
     def __init__(self, final: Path, rows: int, map_shape: tuple, pooled_dim: int, dtype: np.dtype):
         self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.dtype = dtype
-        self.maps = np.lib.format.open_memmap(self.tmp / "maps.npy", mode="w+", dtype=dtype, shape=(rows, *map_shape))
-        self.pooled = np.lib.format.open_memmap(self.tmp / "pooled.npy", mode="w+", dtype=np.float32,
-                                                shape=(rows, pooled_dim))
+        self.rows = 0
+        try:
+            self.maps = allocated_memmap(self.tmp / "maps.npy", dtype, (rows, *map_shape))
+            self.pooled = allocated_memmap(self.tmp / "pooled.npy", np.float32, (rows, pooled_dim))
+        except BaseException:
+            self.abort()
+            raise
         self.labels = np.zeros(rows, dtype=np.int64)
 
-    def write(self, row: int, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Store a batch; False when the maps do not fit the storage dtype (float16 overflow)."""
+    def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Append a batch; False when the maps do not fit the storage dtype (float16 overflow)."""
         with np.errstate(over="ignore"):  # overflow is detected just below
             maps = fmap.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
         if not np.isfinite(maps).all():
             return False
-        n = len(maps)
+        row, n = self.rows, len(maps)
         self.maps[row:row + n] = maps
         self.pooled[row:row + n] = v0.detach().to("cpu", torch.float32).numpy()
         self.labels[row:row + n] = labels.cpu().numpy()
+        self.rows += n
         return True
 
     def commit(self, manifest: dict) -> FeatureStore:
         self.maps.flush()
         self.pooled.flush()
         np.save(self.tmp / "labels.npy", self.labels)
-        manifest = {**manifest, "version": CACHE_VERSION, "maps_shape": list(self.maps.shape),
+        manifest = {**manifest, "version": CACHE_VERSION, "rows": self.rows, "maps_shape": list(self.maps.shape),
                     "pooled_shape": list(self.pooled.shape), "maps_dtype": str(self.dtype),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         del self.maps, self.pooled  # close the memory maps before the rename
@@ -150,20 +184,21 @@ class StoreWriter:
 
 
 def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str) -> FeatureStore:
-    """Run ``batches()`` (an iterable factory of (fmap, v0, labels)) into a store; float16 maps
-    unless a value overflows float16, then float32."""
+    """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
+    images it could not read to ``skipped``) into a store; float16 maps unless a value
+    overflows float16, then float32."""
     map_shape = (clip.feature_channels, clip.grid, clip.grid)
     for dtype in (np.float16, np.float32):
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype))
         try:
-            row, fits = 0, True
-            for fmap, v0, labels in tqdm(batches(), desc=desc, leave=False, dynamic_ncols=True, disable=None):
-                if not writer.write(row, fmap, v0, labels):
+            fits, skipped = True, []
+            for fmap, v0, labels in tqdm(batches(skipped), desc=desc, leave=False, dynamic_ncols=True,
+                                         disable=None):
+                if not writer.write(fmap, v0, labels):
                     fits = False
                     break
-                row += len(labels)
             if fits:
-                return writer.commit(manifest)
+                return writer.commit({**manifest, "skipped": skipped})
             log.info(f"{desc}: feature maps overflow float16, storing float32")
         except BaseException:
             writer.abort()
@@ -173,21 +208,33 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
 
 
 def live_batches(clip, items: list[Datum], transform, batch_size: int, num_workers: int,
-                 device: torch.device, amp: bool):
-    """Decode, transform and run the trunk batch by batch (the uncached path)."""
+                 device: torch.device, amp: bool, skipped: list[str] | None = None):
+    """Decode, transform and run the trunk batch by batch (the uncached path).
+
+    An unreadable image stops with its name, or, when ``skipped`` is a list (the
+    ``bad_images: skip`` policy), is left out and recorded there."""
     loader = make_loader(items, transform, batch_size, shuffle=False, num_workers=num_workers, device=device)
-    for images, labels in loader:
+    for images, labels, failures in loader:
+        if failures:
+            if skipped is None:
+                raise RaftError(f"unreadable image {failures[0]} (set bad_images: skip to leave such "
+                                f"val/test images out)")
+            skipped.extend(failures)
+            log.warning(f"warning: skipped unreadable image(s): {'; '.join(failures)}")
+        if images is None:
+            continue
         with autocast(device, amp):
             fmap, v0 = clip.encode_image(images.to(device, non_blocking=True))
         yield fmap, v0, labels.to(device)
 
 
 def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch_size: int,
-               num_workers: int, device: torch.device, amp: bool) -> FeatureStore:
-    """The store of ``items`` under the eval transform: reused when every input matches."""
+               num_workers: int, device: torch.device, amp: bool, skip_bad: bool = False) -> FeatureStore:
+    """The store of ``items`` under the eval transform: reused when every input matches.
+    ``skip_bad``: leave unreadable images out (listed in the store's ``skipped``) instead of failing."""
     transform = eval_transform(clip.image_size)
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
-                      file_stamps(items), amp and device.type == "cuda")
+                      file_stamps(items), amp and device.type == "cuda", skip_bad)
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
     if FeatureStore.valid(path, key):
         log.info(f"{name}: cached trunk features {path}")
@@ -195,7 +242,8 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
     start = time.perf_counter()
     store = build_store(path, {"key": key, "kind": "eval", "name": name, "images": len(items),
                                "transform": repr(transform)}, len(items),
-                        lambda: live_batches(clip, items, transform, batch_size, num_workers, device, amp),
+                        lambda skipped: live_batches(clip, items, transform, batch_size, num_workers, device, amp,
+                                                     skipped if skip_bad else None),
                         clip, f"features: {name}")
     log.info(f"{name}: trunk features of {len(items)} images cached in {time.perf_counter() - start:.1f}s ({path})")
     return store
@@ -212,20 +260,29 @@ class DecodedImage(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        with Image.open(self.items[i].path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            if min(w, h) > self.side:
-                scale = self.side / min(w, h)
-                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        try:
+            img = read_rgb(self.items[i].path)
+        except UnreadableImage as exc:
+            return str(exc)
+        w, h = img.size
+        if min(w, h) > self.side:
+            scale = self.side / min(w, h)
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list[torch.Tensor]:
+    """Decode every training image once, up front: an unreadable one stops the run before
+    training starts, naming the file(s)."""
     side = math.ceil(image_size / DECODE_MARGIN)
     loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=num_workers,
                         collate_fn=lambda batch: batch)
-    return [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
+    decoded = [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
+    bad = [x for x in decoded if isinstance(x, str)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RaftError(f"unreadable training image {bad[0]}{more}")
+    return decoded
 
 
 def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
@@ -276,14 +333,26 @@ class LiveSource:
         self.labels = torch.tensor([d.label for d in items])
         self.order_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
+        self.order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
-    def epoch(self, epoch: int):
-        order = torch.randperm(len(self.labels), generator=self.order_gen)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+    def state_dict(self) -> dict:
+        return {"order_gen": self.order_gen.get_state(), "aug_gen": self.aug_gen.get_state(), "order": self.order}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order_gen.set_state(state["order_gen"])
+        self.aug_gen.set_state(state["aug_gen"])
+        self.order = state["order"]
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches of the epoch from batch ``start`` on (start > 0: resuming inside an epoch)."""
+        if start == 0:
+            self.order = torch.randperm(len(self.labels), generator=self.order_gen)
+        order = self.order
+        for first in range(start * self.batch_size, len(order), self.batch_size):
+            idx = order[first:first + self.batch_size]
             images = augment([self.images[i] for i in idx], self.clip.image_size, self.aug_gen, self.device)
             with autocast(self.device, self.amp):
                 fmap, v0 = self.clip.encode_image(images)
@@ -310,7 +379,7 @@ class ViewSource:
             labels = torch.tensor([d.label for d in items])
             gen = torch.Generator().manual_seed(seed + 2_000_003)
 
-            def batches():
+            def batches(skipped):
                 for v in range(views):
                     for s in range(0, len(images), batch_size):
                         batch = augment(images[s:s + batch_size], clip.image_size, gen, device)
@@ -322,11 +391,21 @@ class ViewSource:
                                      views * len(items), batches, clip, f"features: {views} views")
             log.info(f"training views: {views}×{len(items)} computed in {time.perf_counter() - start:.1f}s ({path})")
         self.order_gen = torch.Generator().manual_seed(seed)
+        self.order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
-    def epoch(self, epoch: int):
-        order = torch.randperm(self.n, generator=self.order_gen)
+    def state_dict(self) -> dict:
+        return {"order_gen": self.order_gen.get_state(), "order": self.order}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order_gen.set_state(state["order_gen"])
+        self.order = state["order"]
+
+    def epoch(self, epoch: int, start: int = 0):
+        if start == 0:
+            self.order = torch.randperm(self.n, generator=self.order_gen)
         view = (epoch - 1) % self.views
-        yield from self.store.batches(self.batch_size, self.device, order, offset=view * self.n, count=self.n)
+        rest = self.order[start * self.batch_size:]
+        yield from self.store.batches(self.batch_size, self.device, rest, offset=view * self.n, count=len(rest))

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -92,6 +95,11 @@ SCHEMA: dict[str, Key] = {
     "shift_sets": Key((dict,), {}, "ImageNet only: distribution-shift test sets {name: path} "
                                    "(imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r)"),
     # machinery
+    "bad_images": Key((str,), "fail", "an unreadable val/test image: 'fail' (stop, naming it) or 'skip' "
+                                      "(leave it out, counted in results.json); training images always fail",
+                      False, lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+    "save_every": Key((float,), 60.0, "seconds between saved training states for resuming (saved after an "
+                                      "epoch; 0 = after every epoch)", False, _non_negative, ">= 0"),
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
     "num_workers": Key((int,), 4, "data-loading worker processes", False, _non_negative, ">= 0"),
@@ -118,9 +126,22 @@ class Config(dict):
     __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly  # type: ignore[assignment]
 
 
+# Names people reach for from other codebases, and the key that means the same here.
+KEY_ALIASES = {"learning_rate": "lr", "epochs": "train_epoch", "num_epochs": "train_epoch", "epoch": "train_epoch",
+               "max_epoch": "train_epoch", "shot": "shots", "num_shots": "shots", "model": "backbone",
+               "arch": "backbone", "root": "data_path", "data_root": "data_path", "dataset_path": "data_path",
+               "bs": "batch_size", "wd": "weight_decay", "warmup": "warmup_epoch"}
+
+
 def closest_key(name: str) -> str:
-    match = difflib.get_close_matches(name, SCHEMA.keys(), n=1, cutoff=0.0)
-    return match[0] if match else ""
+    """The valid key a mistyped or foreign one most likely means (for error messages)."""
+    if name in KEY_ALIASES:
+        return KEY_ALIASES[name]
+    match = difflib.get_close_matches(name, SCHEMA.keys(), n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    containing = [k for k in SCHEMA if name in k or k in name]
+    return containing[0] if containing else difflib.get_close_matches(name, SCHEMA.keys(), n=1, cutoff=0.0)[0]
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -236,6 +257,13 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # the environment: a full disk, permissions, a vanished mount
+        if debug:
+            raise
+        what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {what}{where}; nothing was left half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -295,6 +323,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         raise
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files ``atomic_write`` leaves when its process is killed mid-write."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda fh: json.dump(obj, fh, indent=2, ensure_ascii=False), mode="w")
 
@@ -304,7 +339,11 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    """Serialise in memory first: torch's zip writer reports a full disk as an opaque
+    RuntimeError, a plain file write reports it as ENOSPC."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 def torch_load(path: str | Path, what: str = "file") -> Any:
@@ -313,13 +352,21 @@ def torch_load(path: str | Path, what: str = "file") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RaftError(f"{what} not found: {path}") from None
-    except Exception as exc:  # corrupt, truncated, or needs pickle code
-        raise RaftError(f"cannot read {what} {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # the file names Python code to run while loading
+            raise RaftError(f"refusing to load {what} {path}: it needs pickled Python code to load "
+                            f"(only tensors and plain containers are accepted)") from None
+        raise RaftError(f"cannot read {what} {path}: not a torch file or corrupt") from None
+    except Exception as exc:  # truncated, corrupt, or some other format
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise RaftError(f"cannot read {what} {path}: truncated, corrupt or not a torch file "
+                        f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
 
 
 # --------------------------------------------------------------------------- logging
 def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
     """Log to stdout and (optionally) a file; re-callable for a new run folder."""
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     logger = logging.getLogger("raft")
     logger.setLevel(logging.INFO)
     logger.propagate = False

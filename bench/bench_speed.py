@@ -37,6 +37,8 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import engine  # noqa: E402
+import evaluation  # noqa: E402
+import training  # noqa: E402
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
 from clip.region_pool import RegionAttentionPool, all_token_forward  # noqa: E402
 from datasets import few_shot, read_coop_dataset  # noqa: E402
@@ -104,8 +106,8 @@ class ReferenceSource:
         fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
         return fmap, v.attnpool(fmap)
 
-    def epoch(self, epoch):
-        for images, labels in self.loader:
+    def epoch(self, epoch, start=0):
+        for images, labels, _ in self.loader:
             with autocast(self.device, self.amp):
                 fmap, v0 = self.trunk(images.to(self.device, non_blocking=True))
             yield fmap, v0, labels.to(self.device)
@@ -115,7 +117,7 @@ def train_epochs(pool, text, source, cfg, device):
     log = setup_logging(None)
     log.disabled = True
     try:
-        return timed(lambda: engine.train_pool(pool, text, source, cfg, device, log), device)[0]
+        return timed(lambda: training.train_pool(pool, text, source, cfg, device, log), device)[0]
     finally:
         log.disabled = False
 
@@ -188,10 +190,10 @@ def bench_views(clip, text, items, cfg, device, amp, workers, cache, epochs, str
 def bench_eval(clip, text, items, device, amp, workers, cache, batch):
     pool = RegionAttentionPool(clip.attnpool).to(device)
     store = eval_store(clip, items, cache, "bench_eval_timing", batch, workers, device, amp)
-    live_s = timed(lambda: engine.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.image_size),
+    live_s = timed(lambda: evaluation.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.image_size),
                                                                          batch, workers, device, amp),
                                                  device, amp, "live"), device)[0]
-    cached_s, cached = timed(lambda: engine.collect_logits(pool, text, store.batches(batch, device), device, amp,
+    cached_s, cached = timed(lambda: evaluation.collect_logits(pool, text, store.batches(batch, device), device, amp,
                                                            "cached"), device)
     return {"images": len(items), "recompute_seconds": live_s, "cached_seconds": cached_s,
             "ratio": live_s / cached_s}

@@ -101,8 +101,12 @@ def cached_text_matrix(clip, classnames: list[str], sentences: list[list[str]], 
                       BACKGROUND_TEMPLATE, renorm_bg)
     path = Path(cache_dir) / "text" / f"{dataset}_{clip.backbone}_{key[:20]}.pt"
     if path.is_file():
-        cached = torch_load(path, "text cache")
-        if isinstance(cached, dict) and cached.get("key") == key:
+        try:
+            cached = torch_load(path, "text cache")
+        except RaftError as exc:  # a damaged cache is rebuilt, never trusted
+            cached = None
+            log.info(f"{exc}: rebuilding")
+        if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("T"), torch.Tensor):
             log.info(f"text classifier: cached {path}")
             return cached["T"]
         log.info(f"text cache {path} does not match its inputs: rebuilding")

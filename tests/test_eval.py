@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine import SplitLogits, accuracy_curve, alpha_grid, choose_alpha, evaluate
+from evaluation import SplitLogits, accuracy_curve, alpha_grid, choose_alpha, evaluate
 from utils import build_config
 
 

@@ -12,7 +12,7 @@ from datasets import read_coop_dataset
 from features import (FeatureStore, LiveSource, ViewSource, augment, build_store, crop_params, eval_store,
                       live_batches)
 from datasets.loader import eval_transform
-from engine import collect_logits
+from evaluation import collect_logits
 
 CPU = torch.device("cpu")
 
@@ -86,7 +86,7 @@ def test_a_store_without_matching_manifest_is_rebuilt(tiny_clip, demo, tmp_path,
 
 
 def test_float16_overflow_falls_back_to_float32(tiny_clip, tmp_path):
-    def batches():
+    def batches(skipped):
         yield torch.full((2, 256, 3, 3), 1e6), torch.zeros(2, 64), torch.tensor([0, 1])
 
     store = build_store(tmp_path / "big", {"key": "k"}, 2, batches, tiny_clip, "big")

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engine import lr_at
+from training import lr_at
 
 BASE, MIN = 1e-4, 1e-6
 

@@ -10,6 +10,13 @@ from conftest import shared_fixture
 from utils import RaftError
 
 
+@pytest.fixture(autouse=True)
+def raft_log_to_caplog(monkeypatch):
+    """The project's logger does not propagate (it has its own handlers); let caplog see it here."""
+    import logging
+    monkeypatch.setattr(logging.getLogger("raft"), "propagate", True)
+
+
 def split_classnames(split_file):
     rows = json.loads(shared_fixture("coop_splits", split_file).read_text())
     names = {r[1]: r[2] for s in rows.values() for r in s}
@@ -87,3 +94,13 @@ def test_text_cache_is_reused_only_for_identical_inputs(tiny_clip, tmp_path, mon
     assert torch.equal(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T) and not calls
     cached_text_matrix(tiny_clip, names, [["a cat."], ["a puppy."]], tmp_path, "toy")   # sentence changed
     assert calls and len(list((tmp_path / "text").glob("*.pt"))) == 2
+
+
+def test_a_damaged_or_foreign_text_cache_is_rebuilt(tiny_clip, tmp_path):
+    names, sentences = ["cat", "dog"], [["a cat."], ["a dog."]]
+    T = cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy")
+    path = next((tmp_path / "text").glob("*.pt"))
+    path.write_bytes(path.read_bytes()[:100])                       # truncated
+    assert torch.allclose(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T)
+    torch.save({"key": "someone else's", "T": torch.zeros_like(T)}, path)  # manifest mismatch
+    assert torch.allclose(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T)

@@ -1,0 +1,103 @@
+"""Evaluation (METHOD.md §7): logits of a split, the alpha search, the reported numbers."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clip.region_pool import RegionAttentionPool
+from loss import cosine_logits
+from utils import Config, RaftError, autocast
+
+
+class SplitLogits(NamedTuple):
+    cls: torch.Tensor      # N×C fine-tuned logits (class token)
+    clip: torch.Tensor     # N×C zero-shot CLIP logits
+    labels: torch.Tensor   # N
+    bg_cos: float          # mean cos(v_cls, v_bg): how far the background token moved away
+
+    def restrict(self, subset: list[int], num_classes: int) -> "SplitLogits":
+        """Keep the columns of ``subset`` (200-class ImageNet variants) and relabel into it."""
+        index = torch.tensor(subset)
+        remap = torch.full((num_classes,), -1, dtype=torch.long)
+        remap[index] = torch.arange(len(index))
+        return SplitLogits(self.cls[:, index], self.clip[:, index], remap[self.labels], self.bg_cos)
+
+
+@torch.no_grad()
+def collect_logits(pool: RegionAttentionPool, text: torch.Tensor, batches, device: torch.device, amp: bool,
+                   desc: str, scale: float = 100.0) -> SplitLogits:
+    """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split, from
+    ``(feature map, v0, labels)`` batches."""
+    pool.eval()
+    num_classes = text.shape[1] - 1
+    cls_all, clip_all, labels_all, cos_sum = [], [], [], 0.0
+    for fmap, v0, labels in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        with autocast(device, amp):
+            v_cls, v_bg = pool(fmap)
+        cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
+        clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
+        cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum().item()
+        labels_all.append(labels.cpu())
+    labels = torch.cat(labels_all)
+    return SplitLogits(torch.cat(cls_all), torch.cat(clip_all), labels, cos_sum / max(1, len(labels)))
+
+
+def alpha_grid(low: float, high: float, steps: int) -> list[float]:
+    return [low + i * (high - low) / steps for i in range(steps + 1)]
+
+
+def accuracy_curve(cls_logits: torch.Tensor, clip_logits: torch.Tensor, labels: torch.Tensor,
+                   alphas: list[float]) -> list[float]:
+    """Top-1 accuracy (%) of ``alpha·cls + (1-alpha)·clip`` for each alpha."""
+    out = []
+    for a in alphas:
+        pred = (a * cls_logits + (1 - a) * clip_logits).argmax(1)
+        out.append(100.0 * (pred == labels).float().mean().item())
+    return out
+
+
+def choose_alpha(alphas: list[float], val_curve: list[float]) -> float:
+    """The alpha with the best validation accuracy (the smallest one on ties)."""
+    best = max(range(len(alphas)), key=lambda i: (val_curve[i], -i))
+    return alphas[best]
+
+
+def summarise(alphas: list[float], alpha: float, logits: SplitLogits) -> dict:
+    """Test numbers at the given alpha, plus zero-shot, fine-tuned-only and the test oracle."""
+    curve = accuracy_curve(logits.cls, logits.clip, logits.labels, alphas)
+    at = accuracy_curve(logits.cls, logits.clip, logits.labels, [alpha, 0.0, 1.0])
+    oracle_i = max(range(len(alphas)), key=lambda i: (curve[i], -i))
+    return {
+        "test_acc": at[0], "zero_shot_acc": at[1], "finetuned_acc": at[2],
+        "oracle": {"alpha": alphas[oracle_i], "test_acc": curve[oracle_i],
+                   "note": "alpha picked on test labels: an upper bound, never the reported result"},
+        "cls_bg_cosine": logits.bg_cos, "curve": curve,
+    }
+
+
+def evaluate(val: SplitLogits | None, test: SplitLogits, cfg: Config,
+             shifts: dict[str, SplitLogits] | None = None) -> dict:
+    """Alpha from validation data (or the config's fixed alpha). Test labels only *report*
+    accuracies; nothing reported as the result is picked with them."""
+    alphas = alpha_grid(cfg.search_low, cfg.search_high, cfg.search_step)
+    val_curve = accuracy_curve(val.cls, val.clip, val.labels, alphas) if val is not None else None
+    if cfg.alpha is not None:
+        alpha, source = cfg.alpha, "config"
+    elif val_curve is not None:
+        alpha, source = choose_alpha(alphas, val_curve), "val"
+    else:
+        raise RaftError("no validation data to choose alpha: set `alpha` or `val_per_class` > 0")
+    out = {"alpha": alpha, "alpha_source": source}
+    if val is not None:
+        out["val_acc"] = accuracy_curve(val.cls, val.clip, val.labels, [alpha])[0]
+    test_summary = summarise(alphas, alpha, test)
+    out["alpha_curve"] = {"alphas": alphas, "val": val_curve, "test": test_summary.pop("curve")}
+    out.update(test_summary)
+    for name, logits in (shifts or {}).items():
+        summary = summarise(alphas, alpha, logits)
+        summary.pop("curve")
+        out.setdefault("shift", {})[name] = summary | {"size": len(logits.labels)}
+    return out

@@ -1,0 +1,199 @@
+"""Training the region pool (METHOD.md §5–§6), resumable at any step boundary.
+
+A run saves its whole training state (pool, optimizer, scaler, schedule position, data
+order and augmentation RNG states, partial-epoch sums) to ``resume.pt`` after epochs, at
+most every ``save_every`` seconds, and when asked to stop (Ctrl-C, SIGTERM). Started again
+with the same command it continues from there and ends exactly where an uninterrupted run
+would have. A kill (SIGKILL) loses at most the work since the last save.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clip.region_pool import RegionAttentionPool
+from loss import cosine_logits, raft_loss
+from utils import Config, RaftError, autocast, torch_load, torch_save
+
+STATE_FORMAT = 1
+# Keys that do not change what training computes: a run may resume under new values.
+NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
+                     "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
+                     "shift_sets", "val_per_class", "num_classes"}
+
+
+class Interrupted(RaftError):
+    exit_code = 130
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Learning rate of iteration ``step`` (0-based): linear warm-up from 0 over ``warmup_steps``,
+    then cosine decay from ``base_lr`` that reaches ``min_lr`` at ``step == total_steps``."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def adamw(params: list, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW (eps 1e-4 by default); the fused single-kernel update where this torch has it."""
+    kwargs = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def training_settings(cfg: Config | dict) -> dict:
+    return {k: v for k, v in dict(cfg).items() if k not in NOT_TRAINING_KEYS}
+
+
+def settings_differ(saved: dict, cfg: Config) -> dict:
+    """{key: (saved, now)} for the training settings that changed."""
+    now = training_settings(cfg)
+    before = training_settings(saved)
+    return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def load_state(path: Path, cfg: Config) -> dict | None:
+    """The saved training state, checked against this run's settings; None when there is none."""
+    if not path.is_file():
+        return None
+    state = torch_load(path, "resume state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise RaftError(f"{path} is not a resume state of this version; delete it or use --force")
+    changed = settings_differ(state["config"], cfg)
+    if changed:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:4])
+        raise RaftError(f"an unfinished run with other settings is in {path.parent} ({shown}); "
+                        f"rerun with its settings to resume, or pass --force to start over")
+    return state
+
+
+def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Config, device: torch.device, log,
+               state_path: Path | None = None) -> dict:
+    """AdamW over the region pool only, learning rate set per iteration (METHOD.md §6).
+
+    ``source`` yields ``(feature map, v0, labels)`` batches for an epoch — computed on the fly
+    (faithful mode) or read from cached views — and can save and restore its RNG state.
+    With ``state_path`` the run resumes from, and saves to, that file.
+    """
+    use_amp = cfg.amp and device.type == "cuda"
+    optimizer = adamw(list(pool.parameters()), cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    per_epoch = len(source)
+    total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
+    progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [],
+                "sums": {"loss": 0.0, "cls": 0.0, "bg": 0.0, "l1": 0.0, "sep": 0.0}, "correct": 0, "seen": 0}
+    state = load_state(state_path, cfg) if state_path is not None else None
+    if state is not None:
+        pool.load_state_dict(state["pool"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        source.load_state_dict(state["source"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = state["progress"]
+        log.info(f"resuming from {state_path}: epoch {progress['epoch']}, step {progress['step']} of {total}")
+
+    def save(reason: str) -> None:
+        if state_path is None:
+            return
+        torch_save(state_path, {"format": STATE_FORMAT, "config": dict(cfg), "pool": pool.state_dict(),
+                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                "source": source.state_dict(), "torch_rng": torch.get_rng_state(),
+                                "progress": progress})
+        log.info(f"training state saved ({reason}): epoch {progress['epoch']}, step {progress['step']}")
+
+    pool.train()
+    last_save = time.monotonic()
+    clock = time.perf_counter()
+    with StopRequest() as stop:
+        while progress["epoch"] <= cfg.train_epoch:
+            epoch = progress["epoch"]
+            sums = progress["sums"]
+            bar = tqdm(source.epoch(epoch, start=progress["position"]), total=per_epoch,
+                       initial=progress["position"], desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False,
+                       dynamic_ncols=True, disable=None)
+            for fmap, v0, labels in bar:
+                lr = lr_at(progress["step"], total, warmup, cfg.lr, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(device, use_amp):
+                    v_cls, v_bg = pool(fmap)
+                loss, terms = raft_loss(v_cls, v_bg, v0, text, labels, tau1=cfg.tau1, tau2=cfg.tau2,
+                                        lambda1=cfg.lambda1, lambda2=cfg.lambda2, scale=cfg.logit_scale)
+                if not torch.isfinite(loss):
+                    kept = f"; the last good state is {state_path}" if state_path and state_path.is_file() else ""
+                    raise RaftError(f"loss became {loss.item()} at epoch {epoch}, step {progress['step']} "
+                                    f"(terms: { {k: round(v.item(), 4) for k, v in terms.items()} }): "
+                                    f"try a lower lr, or --amp false{kept}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                n = labels.shape[0]
+                sums["loss"] += loss.item() * n
+                for k, v in terms.items():
+                    sums[k] += v.item() * n
+                with torch.no_grad():
+                    progress["correct"] += (cosine_logits(v_cls, text[:, :-1]).argmax(1) == labels).sum().item()
+                progress["seen"] += n
+                progress["step"] += 1
+                progress["position"] += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+                if stop.requested and progress["position"] < per_epoch:
+                    break
+            if progress["position"] >= per_epoch:  # the epoch is complete
+                seen = max(1, progress["seen"])
+                row = {k: v / seen for k, v in sums.items()} | {
+                    "epoch": epoch, "train_acc": 100.0 * progress["correct"] / seen,
+                    "lr": lr_at(progress["step"] - 1, total, warmup, cfg.lr, cfg.min_lr)}
+                progress["history"].append(row)
+                log.info(f"epoch {epoch:3d}/{cfg.train_epoch}  loss {row['loss']:.4f} (cls {row['cls']:.3f} "
+                         f"bg {row['bg']:.3f} l1 {row['l1']:.3f} sep {row['sep']:.3f})  "
+                         f"train acc {row['train_acc']:.2f}%  lr {row['lr']:.2e}")
+                progress.update(epoch=epoch + 1, position=0, correct=0, seen=0,
+                                sums={k: 0.0 for k in sums})
+            progress["seconds"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if stop.requested:
+                save(f"{stop.requested.lower()}")
+                raise Interrupted(f"stopped by {stop.requested} at epoch {progress['epoch']}, step "
+                                  f"{progress['step']}; run the same command to resume"
+                                  + ("" if state_path else " (no state was saved)"))
+            if progress["epoch"] <= cfg.train_epoch and time.monotonic() - last_save >= cfg.save_every:
+                save("periodic")
+                last_save = time.monotonic()
+    pool.eval()
+    return {"history": progress["history"], "steps": progress["step"], "seconds": progress["seconds"]}
