@@ -33,10 +33,15 @@ TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls"
                  "descriptions", "templates", "logit_scale")
 
 
-def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, num_classes: int,
-                    train_seconds: float) -> None:
+def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, classnames: list[str],
+                    text: torch.Tensor, train_seconds: float) -> None:
+    """The region pool plus what using it needs without the dataset: the class names and the
+    text classifier (predict.py, visualize.py), and a re-estimated trunk's BatchNorm statistics."""
+    measured = {k: v for k, v in clip.model.visual.state_dict().items()
+                if "running_" in k or "num_batches_tracked" in k} if cfg.calibrate_bn else {}
     torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
-                      "backbone": cfg.backbone, "num_classes": num_classes, "train_seconds": train_seconds})
+                      "backbone": cfg.backbone, "num_classes": len(classnames), "classnames": list(classnames),
+                      "text": text.detach().cpu(), "trunk_batchnorm": measured, "train_seconds": train_seconds})
 
 
 def read_checkpoint(path: Path, cfg: Config) -> dict:
@@ -74,15 +79,15 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}"
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / cfg.dataset / run_name(cfg)
+def run_dir_of(cfg: Config, dataset: str) -> Path:
+    return Path(cfg.output_dir) / dataset / run_name(cfg)
 
 
 def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch.Tensor:
     templates = cfg.templates or data.templates
     descriptions, source = None, None
     if cfg.descriptions == "auto":
-        default = Path(__file__).resolve().parent / "gpt3_file" / f"{cfg.dataset}_prompt.json"
+        default = Path(__file__).resolve().parent / "gpt3_file" / f"{data.name}_prompt.json"
         if default.is_file():
             source = default
     elif cfg.descriptions is not None:
@@ -93,7 +98,7 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
     else:
         log.info(f"class descriptions: none, templates {templates}")
     sentences = class_sentences(data.classnames, templates, descriptions, str(source))
-    return cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, cfg.dataset, cfg.renorm_bg_text)
+    return cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
 
 
 def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | None:
@@ -103,13 +108,13 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     from its last saved state (training.py), or evaluates the finished checkpoint."""
     ckpt = state_path = None
     if flags.eval_only:  # results go next to the checkpoint, under its training settings
-        ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg) / "checkpoint.pt"
+        ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg, data.name) / "checkpoint.pt"
         ckpt = read_checkpoint(ckpt_path, cfg)
         run_dir, results_path = ckpt_path.parent, ckpt_path.parent / "results_eval.json"
         log = setup_logging(run_dir / "log.txt")
         cfg = adopt_training_settings(cfg, ckpt, log)
     else:
-        run_dir = run_dir_of(cfg)
+        run_dir = run_dir_of(cfg, data.name)
         ckpt_path, results_path, state_path = run_dir / "checkpoint.pt", run_dir / "results.json", run_dir / "resume.pt"
         if results_path.is_file() and not flags.force:
             print(f"{results_path} exists: run already finished (use --force to run it again)")
@@ -128,7 +133,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     use_amp = cfg.amp and device.type == "cuda"
     log.info(f"run folder {run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}")
     if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
-        raise RaftError(f"config says num_classes={cfg.num_classes} but {cfg.dataset} at {cfg.data_path} "
+        raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
                         f"has {data.num_classes} classes")
 
     # data: the few-shot training set, and a validation set drawn from train if there is none
@@ -138,7 +143,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
         taken = {d.path for d in train_items}
         val_items = sample_per_class(data.train, cfg.val_per_class, f"val:{cfg.seed}", data.num_classes, taken)
         val_source = "train images outside the few-shot set"
-    log.info(f"{cfg.dataset}: {data.num_classes} classes, few-shot train {len(train_items)} "
+    log.info(f"{data.name}: {data.num_classes} classes, few-shot train {len(train_items)} "
              f"({cfg.shots} shots), val {len(val_items)} ({val_source if val_items else 'none'}), "
              f"test {len(data.test)}")
 
@@ -160,23 +165,23 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
         log.info(f"loaded region pool from {ckpt_path}")
     else:
         write_yaml(run_dir / "config.yaml", dict(cfg))
-        save_list(run_dir / "fewshot.json", train_items, data.root, dataset=cfg.dataset, shots=cfg.shots,
+        save_list(run_dir / "fewshot.json", train_items, data.root, dataset=data.name, shots=cfg.shots,
                   seed=cfg.seed)
         if val_source != "split" and val_items:
-            save_list(run_dir / "val_from_train.json", val_items, data.root, dataset=cfg.dataset, seed=cfg.seed)
+            save_list(run_dir / "val_from_train.json", val_items, data.root, dataset=data.name, seed=cfg.seed)
         set_seed(cfg.seed)
         start = time.perf_counter()
         common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp,
                       num_workers=cfg.num_workers)
         if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
             source = ViewSource(clip, train_items, cfg.train_views, cache_dir=cfg.cache_dir,
-                                name=f"{cfg.dataset}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
+                                name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
         else:                # decodes every training image up front: a bad one stops the run here
             source = LiveSource(clip, train_items, **common)
         prepare_seconds = time.perf_counter() - start
         stats = train_pool(pool, text, source, cfg, device, log, state_path)
         train_seconds = prepare_seconds + stats["seconds"]
-        save_checkpoint(ckpt_path, pool, cfg, data.num_classes, train_seconds)
+        save_checkpoint(ckpt_path, pool, cfg, clip, data.classnames, text, train_seconds)
         state_path.unlink(missing_ok=True)
         log.info(f"trained in {train_seconds:.1f}s; checkpoint {ckpt_path}")
 
@@ -187,7 +192,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     def logits_of(items, split):
         skip = cfg.bad_images == "skip"
         if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
-            store = eval_store(clip, items, cfg.cache_dir, f"{cfg.dataset}_{split}", cfg.eval_batch_size,
+            store = eval_store(clip, items, cfg.cache_dir, f"{data.name}_{split}", cfg.eval_batch_size,
                                cfg.num_workers, device, use_amp, skip_bad=skip)
             skipped[split] = store.skipped
             batches = store.batches(cfg.eval_batch_size, device)
@@ -212,11 +217,12 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     eval_seconds = time.perf_counter() - start
 
     results = {
-        "dataset": cfg.dataset, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+        "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
         "seed": cfg.seed, "num_classes": data.num_classes,
         "sizes": {"train": len(train_items), "val": len(val_logits.labels) if val_logits else 0,
                   "test": len(test_logits.labels)},
         "val_source": val_source if val_items else None,
+        **({"split_file": str(data.split_file)} if data.split_file else {}),
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,

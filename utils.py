@@ -55,6 +55,9 @@ SCHEMA: dict[str, Key] = {
     # what to run on
     "dataset": Key((str,), None, "dataset name (a key of the layout table, or 'imagenet')"),
     "data_path": Key((str,), None, "root folder of the dataset (CoOp layout)"),
+    "split_fractions": Key((list,), [0.5, 0.2, 0.3], "dataset: folder only: train/val/test fractions of each "
+                                                     "class folder when no train/ val/ test/ subfolders exist"),
+    "split_seed": Key((int,), 1, "dataset: folder only: seed of that split"),
     "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True, _positive, "> 0"),
     "backbone": Key((str,), "RN50", "CLIP ResNet: RN50, RN101, RN50x4, RN50x16, RN50x64 or tiny-rn"),
     "weights": Key((str,), "openai", "'openai' (download/cache), a local checkpoint path, or null for random init", True),
@@ -210,6 +213,12 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
     if values["warmup_epoch"] >= values["train_epoch"] and values["warmup_epoch"] > 0:
         raise RaftError(f"warmup_epoch ({values['warmup_epoch']}) must be smaller than "
                         f"train_epoch ({values['train_epoch']}); set --warmup_epoch lower")
+    fractions = values["split_fractions"]
+    if (len(fractions) != 3 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0
+                                       for f in fractions)
+            or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0 or fractions[2] == 0):
+        raise RaftError(f"config key 'split_fractions' must be [train, val, test] fractions summing to 1 "
+                        f"with train and test > 0, got {fractions!r}")
     if values["templates"] is not None:
         if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
             raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
@@ -252,7 +261,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     """Run an entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        main(argv)
+        code = main(argv)
     except RaftError as exc:
         if debug:
             raise
@@ -268,7 +277,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 # --------------------------------------------------------------------------- reproducibility
@@ -301,6 +310,16 @@ def sha256_text(*parts: Any) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
+def _file_mode() -> int:
+    """What open() would give a new file under this process's umask (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``.
 
@@ -314,6 +333,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)  # readable by whoever could read a normally written file
         os.replace(tmp, path)
     except BaseException:
         try:

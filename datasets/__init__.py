@@ -1,8 +1,9 @@
 """Dataset readers (CoOp layout), the few-shot sampler, transforms and loaders."""
 from .base import DatasetSplits, Datum, ShiftSet
 from .coop import LAYOUTS, read_coop_dataset
+from .folder import read_folder_dataset
 from .fewshot import few_shot, sample_per_class, save_list
 from .imagenet import SHIFT_LAYOUTS, read_imagenet, read_shift_set
 
 __all__ = ["DatasetSplits", "Datum", "ShiftSet", "LAYOUTS", "read_coop_dataset", "few_shot",
-           "sample_per_class", "save_list", "SHIFT_LAYOUTS", "read_imagenet", "read_shift_set"]
+           "sample_per_class", "save_list", "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet", "read_shift_set"]

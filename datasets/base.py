@@ -31,6 +31,7 @@ class DatasetSplits:
     val: list[Datum]
     test: list[Datum]
     shift_sets: dict[str, ShiftSet] = field(default_factory=dict)
+    split_file: Path | None = None  # a split this project made (folder datasets), for the record
 
     @property
     def num_classes(self) -> int:

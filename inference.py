@@ -1,0 +1,125 @@
+"""A finished run, loaded for use (predict.py, visualize.py): nothing but its folder is needed.
+
+The checkpoint carries the region pool, the config it was trained with, the class names and
+the text classifier; results.json carries the alpha chosen on validation data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clip.backbone import FrozenCLIP, load_open_clip
+from clip.region_pool import RegionAttentionPool, folded_attention, summary_tokens
+from datasets.base import IMAGE_SUFFIXES
+from datasets.loader import eval_transform, read_rgb
+from loss import cosine_logits
+from utils import Config, RaftError, build_config, resolve_device, torch_load
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    config: Config
+    clip: FrozenCLIP
+    pool: RegionAttentionPool
+    text: torch.Tensor          # D × (C+1): class columns, then the background column
+    classnames: list[str]
+    alpha: float
+    alpha_source: str
+    device: torch.device
+
+    @property
+    def transform(self):
+        return eval_transform(self.clip.image_size)
+
+
+def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = None) -> TrainedRun:
+    """Load ``run_dir`` (a run folder with checkpoint.pt and results.json). ``weights``
+    overrides where the backbone's weights are read from (e.g. a local copy)."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        raise RaftError(f"{run_dir} holds no checkpoint.pt (not a run folder, or training has not finished)")
+    ckpt = torch_load(ckpt_path, "checkpoint")
+    if not isinstance(ckpt, dict) or not {"pool", "config", "classnames", "text"} <= set(ckpt):
+        raise RaftError(f"{ckpt_path} lacks the class names and text classifier that prediction needs "
+                        f"(written by an older version: run the training again with --force)")
+    cfg = build_config(None, ckpt["config"] | ({"weights": weights} if weights else {}))
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        alpha, source = float(results["alpha"]), f"chosen on {results.get('alpha_source', 'val')}"
+    elif cfg.alpha is not None:
+        alpha, source = cfg.alpha, "config"
+    else:
+        raise RaftError(f"{run_dir} has no results.json yet: its alpha is chosen when it is evaluated")
+    dev = resolve_device(device)
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone)
+    if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
+        clip.model.visual.load_state_dict(ckpt["trunk_batchnorm"], strict=False)
+    clip = clip.to(dev)
+    pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls)
+    pool.load_state_dict(ckpt["pool"])
+    return TrainedRun(run_dir, cfg, clip, pool.to(dev).eval(), ckpt["text"].to(dev), list(ckpt["classnames"]),
+                      alpha, source, dev)
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The given image files, and the image files under the given folders (recursively, sorted)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                              and not f.name.startswith(".")))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise RaftError(f"no such file or folder: {p}")
+    if not out:
+        raise RaftError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+def load_images(run: TrainedRun, paths: list[Path]) -> tuple[list[Path], torch.Tensor | None, list[str]]:
+    """(readable paths, their batch under the eval transform, 'path: reason' of unreadable ones)."""
+    good, tensors, errors = [], [], []
+    for p in paths:
+        try:
+            tensors.append(run.transform(read_rgb(str(p))))
+            good.append(p)
+        except Exception as exc:  # UnreadableImage, or anything PIL raises on odd files
+            errors.append(str(exc))
+    return good, (torch.stack(tensors).to(run.device) if tensors else None), errors
+
+
+@torch.no_grad()
+def class_probabilities(run: TrainedRun, images: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes of the fused logits ``alpha·cls + (1-alpha)·clip`` (B × C)."""
+    fmap, v0 = run.clip.encode_image(images)
+    v_cls, _ = run.pool(fmap)
+    num_classes = run.text.shape[1] - 1
+    scale = run.config.logit_scale
+    logits = (run.alpha * cosine_logits(v_cls, run.text[:, :num_classes], scale)
+              + (1 - run.alpha) * cosine_logits(v0, run.text[:, :num_classes], scale))
+    return logits.softmax(dim=-1)
+
+
+@torch.no_grad()
+def attention_maps(run: TrainedRun, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where each summary token attends, averaged over heads, as a probability distribution
+    over the H×W grid (the weight on the summary tokens themselves is left out and the
+    rest renormalised): the class token, the background token, and CLIP's own pool."""
+    fmap, _ = run.clip.encode_image(images)
+    b, _, h, w = fmap.shape
+    _, weights = run.pool.attention(fmap)                          # B, heads, 2, HW+2
+    grid = weights[..., 2:].mean(1)                                # B, 2, HW
+    attnpool = run.clip.attnpool
+    tokens = summary_tokens(fmap, attnpool.positional_embedding, 1)
+    _, clip_weights = folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj,
+                                       attnpool.num_heads)        # B, heads, 1, HW+1
+    clip_grid = clip_weights[..., 1:].mean(1)[:, 0]                # B, HW
+    maps = {"class": grid[:, 0], "background": grid[:, 1], "clip": clip_grid}
+    return {k: (v / v.sum(-1, keepdim=True)).view(b, h, w).float().cpu() for k, v in maps.items()}

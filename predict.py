@@ -1,0 +1,64 @@
+"""Classify images with a trained RAFT run.
+
+    python predict.py output/oxford_pets/RN50_16shots_seed1 photo.jpg more_photos/
+    python predict.py RUN_DIR images/ --top-k 3 --json predictions.json
+
+Uses the run's own config, class names, text classifier and chosen alpha: the fused logits
+``alpha·cls + (1-alpha)·clip`` of the evaluation, turned into probabilities.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from inference import class_probabilities, image_files, load_images, load_run
+from utils import run_main, write_json
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
+    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-': stdout only)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", help="where to read the backbone weights from, if not where training did")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+    run = load_run(args.run_dir, args.device, args.weights)
+    paths = image_files(args.images)
+    k = max(1, min(args.top_k, len(run.classnames)))
+    predictions, errors = [], []
+    for start in range(0, len(paths), args.batch_size):
+        good, images, bad = load_images(run, paths[start:start + args.batch_size])
+        errors.extend(bad)
+        if images is None:
+            continue
+        probs = class_probabilities(run, images)
+        top_p, top_i = probs.topk(k, dim=-1)
+        for path, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
+            predictions.append({"image": str(path), "top": [
+                {"class": run.classnames[i], "label": i, "probability": p} for p, i in zip(ps, idx)]})
+    report = {"run": str(run.run_dir), "alpha": run.alpha, "alpha_source": run.alpha_source,
+              "predictions": predictions, "errors": errors}
+    if args.json == "-":
+        import json
+        print(json.dumps(report, indent=2))
+    else:
+        for pred in predictions:
+            print(pred["image"])
+            for rank, t in enumerate(pred["top"], 1):
+                print(f"  {rank}. {t['class']:<30s} {100 * t['probability']:6.2f}%")
+        if args.json:
+            write_json(args.json, report)
+            print(f"predictions written to {args.json}")
+    for err in errors:
+        print(f"skipped unreadable image {err}", file=sys.stderr)
+    if errors and not predictions:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

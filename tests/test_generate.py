@@ -1,0 +1,117 @@
+"""gpt3_file/generate.py against a chat-completions server started here on 127.0.0.1."""
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import ROOT
+from utils import run_main
+
+pytest.importorskip("openai")
+sys.path.insert(0, str(ROOT / "gpt3_file"))
+import generate  # noqa: E402
+
+KEY = "sk-test-5ecret-never-shown"
+
+
+class FakeEndpoint(BaseHTTPRequestHandler):
+    """Speaks the chat-completions format. The first request gets a 429, the second a
+    malformed 200; later ones describe the class named in the prompt."""
+    requests: list = []
+    script: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        FakeEndpoint.requests.append({"auth": self.headers.get("Authorization"), "prompt": prompt,
+                                      "model": body["model"]})
+        action = FakeEndpoint.script.pop(0) if FakeEndpoint.script else "ok"
+        if action == "429":
+            self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}}, {"retry-after": "0"})
+        elif action == "malformed":
+            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []})
+        elif action == "empty":
+            self._send(200, self._completion("   \n  "))
+        else:
+            name = prompt.split("What does a ")[1].split(" look like?")[0]
+            first = 3 * len(FakeEndpoint.requests)   # fresh wording for every request
+            lines = "\n".join(f"{i - first + 1}. A {name} seen from angle {i}, clearly a {name}."
+                              for i in range(first, first + 3))
+            self._send(200, self._completion(lines))
+
+    @staticmethod
+    def _completion(text):
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}]}
+
+    def _send(self, code, payload, headers=None):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endpoint():
+    FakeEndpoint.requests, FakeEndpoint.script = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def generate_cli(endpoint, out, *extra, capsys):
+    argv = ["--base-url", endpoint, "--out", str(out), "--n", "5", "--model", "tiny-llm", "--retry-delay", "0",
+            "--max-retries", "3", *extra]
+    code = run_main(generate.main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_descriptions_survive_a_429_and_a_malformed_reply(endpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    FakeEndpoint.script = ["429", "malformed", "ok", "empty"]
+    out = tmp_path / "birds_prompt.json"
+    code, text = generate_cli(endpoint, out, "--classes", "blue_tit", "robin", capsys=capsys)
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert list(data) == ["blue tit", "robin"]                       # CaFo keys: spaces
+    assert all(len(v) == 5 and all(isinstance(s, str) and s.strip() for s in v) for v in data.values())
+    assert all(s.startswith("A robin seen from angle ") for s in data["robin"])   # numbering stripped
+    assert all(r["auth"] == f"Bearer {KEY}" and r["model"] == "tiny-llm" for r in FakeEndpoint.requests)
+    assert FakeEndpoint.requests[0]["prompt"].startswith("What does a blue tit look like?")
+    assert KEY not in text and "asking again" in text
+
+
+def test_resume_skips_classes_already_described(endpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "birds_prompt.json"
+    assert generate_cli(endpoint, out, "--classes", "robin", capsys=capsys)[0] == 0
+    before = len(FakeEndpoint.requests)
+    code, text = generate_cli(endpoint, out, "--classes", "robin", "wren", capsys=capsys)
+    assert code == 0 and "1 already described" in text
+    assert all("wren" in r["prompt"] for r in FakeEndpoint.requests[before:])
+    assert set(json.loads(out.read_text())) == {"robin", "wren"}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_persistent_failures_and_missing_key_are_one_line_errors(endpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code, text = generate_cli(endpoint, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
+    assert code == 2 and "no API key" in text
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    FakeEndpoint.script = ["malformed"] * 10
+    code, text = generate_cli(endpoint, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
+    assert code == 2 and "no usable answer after 4 attempts" in text and KEY not in text
+    assert not (tmp_path / "x.json").exists()

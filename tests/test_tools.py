@@ -1,0 +1,151 @@
+"""After training: predict.py, visualize.py, summarize.py, and `dataset: folder`."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from utils import run_main
+
+FAST = ["--train_epoch", "6", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0", "--lr", "3e-3",
+        "--shots", "4"]
+
+
+def cli(module_name, argv, capsys):
+    module = __import__(module_name)
+    code = run_main(module.main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    """A finished demo run (tiny CLIP), evaluated without the float16 feature cache."""
+    import main
+    work = tmp_path_factory.mktemp("trained")
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), "--data_path", str(demo_root), "--num_classes", "4",
+            "--output_dir", str(work / "out"), "--cache_dir", str(work / "cache"), "--feature_cache", "false",
+            *FAST]
+    assert run_main(main.main, argv) == 0
+    return work / "out" / "demo" / "tiny-rn_4shots_seed1"
+
+
+def test_predict_agrees_with_the_evaluation(trained, demo_root, tmp_path, capsys):
+    results = json.loads((trained / "results.json").read_text())
+    out = tmp_path / "pred.json"
+    code, text, err = cli("predict", [str(trained), str(demo_root / "images"), "--top-k", "3", "--json", str(out)],
+                          capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["alpha"] == results["alpha"]
+    split = json.loads((demo_root / "split_zhou_Demo.json").read_text())
+    label_of = {str(demo_root / "images" / p): y for s in split.values() for p, y, _ in s}
+    test_paths = {str(demo_root / "images" / p) for p, _, _ in split["test"]}
+    correct = n = 0
+    for pred in report["predictions"]:
+        top = pred["top"]
+        assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+        assert 0 < sum(t["probability"] for t in top) <= 1 + 1e-6
+        if pred["image"] in test_paths:
+            n += 1
+            correct += top[0]["label"] == label_of[pred["image"]]
+    assert n == results["sizes"]["test"]
+    # the fused prediction at the run's alpha reproduces its test accuracy (one near-tie may flip)
+    assert abs(100 * correct / n - results["test_acc"]) <= 100 / n + 1e-9
+    assert text.count("  1. ") == len(report["predictions"])
+
+
+def test_predict_reports_unreadable_images_and_keeps_going(trained, demo_root, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    good = next((demo_root / "images" / "red_circle").glob("*.jpg"))
+    code, out, err = cli("predict", [str(trained), str(bad), str(good)], capsys)
+    assert code == 0 and str(good) in out and f"skipped unreadable image {bad}: not an image" in err
+    code, _, err = cli("predict", [str(tmp_path / "no_run"), str(good)], capsys)
+    assert code == 2 and "holds no checkpoint.pt" in err
+
+
+def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_root, tmp_path, capsys):
+    from inference import attention_maps, load_images, load_run
+    run = load_run(trained, "cpu")
+    paths = sorted((demo_root / "images" / "yellow_star").glob("*.jpg"))[:3]
+    _, images, _ = load_images(run, paths)
+    maps = attention_maps(run, images)
+    grid = run.clip.grid
+    for name in ("class", "background", "clip"):
+        m = maps[name]
+        assert m.shape == (3, grid, grid) and (m >= 0).all()
+        assert torch.allclose(m.sum((1, 2)), torch.ones(3), atol=1e-5)
+    code, out, err = cli("visualize", [str(trained), *map(str, paths), "--out", str(tmp_path / "vis")], capsys)
+    assert code == 0, err
+    pngs = sorted((tmp_path / "vis").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(p.stem for p in paths)
+    with Image.open(pngs[0]) as img:
+        assert img.format == "PNG" and img.width > 3 * img.height
+
+
+def fake_results(root: Path, dataset: str, shots: int, seed: int, acc: float, zero: float = 40.0):
+    folder = root / dataset / f"RN50_{shots}shots_seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"dataset": dataset, "backbone": "RN50", "shots": shots,
+                                                     "seed": seed, "test_acc": acc, "zero_shot_acc": zero}))
+
+
+def test_summary_table_csv_and_plot(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, acc in ((1, 70.0), (2, 72.0), (3, 74.0)):
+        fake_results(root, "dtd", 16, seed, acc)
+        fake_results(root, "eurosat", 16, seed, acc + 10)
+    fake_results(root, "dtd", 1, 1, 50.0)                          # eurosat 1-shot is missing
+    (root / "broken").mkdir()
+    (root / "broken" / "results.json").write_text("{")
+    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sum")], capsys)
+    assert code == 0, err
+    md = (tmp_path / "sum" / "summary.md").read_text()
+    assert "| shots | dtd | eurosat | Average |" in md
+    assert "| 16 | 72.00 ± 2.00 | 82.00 ± 2.00 | 77.00 |" in md
+    assert "| 1 | 50.00 | – | – |" in md                           # a gap, and no average over a gap
+    assert "| zero-shot | 40.00 ± 0.00 | 40.00 ± 0.00 | 40.00 |" in md
+    rows = (tmp_path / "sum" / "summary.csv").read_text().splitlines()
+    assert rows[0] == "group,dataset,shots,runs,mean,std,zero_shot_mean"
+    assert "RN50,eurosat,16,3,82.0000,2.0000,40.0000" in rows and not any(",eurosat,1," in r for r in rows)
+    with Image.open(tmp_path / "sum" / "summary.png") as img:
+        assert img.format == "PNG"
+    assert "skipping" in err and "broken" in err
+
+
+def test_own_folder_dataset(demo_root, tmp_path, capsys):
+    root = tmp_path / "my_shapes"
+    for name in ("red_circle", "blue_square", "green_triangle"):
+        shutil.copytree(demo_root / "images" / name, root / name)
+    argv = ["--config", str(ROOT / "configs/folder.yaml"), "--data_path", str(root), "--backbone", "tiny-rn",
+            "--weights", "null", "--calibrate_bn", "true", "--output_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"), *FAST]
+    code, out, err = cli("main", argv, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "my_shapes" / "tiny-rn_4shots_seed1" / "results.json").read_text())
+    assert results["dataset"] == "my_shapes" and results["num_classes"] == 3
+    assert results["sizes"] == {"train": 12, "val": 12, "test": 18}   # 20 images a class: 10 / 4 / 6
+    split = json.loads(Path(results["split_file"]).read_text())
+    assert len(split["train"]) == 30 and split["train"][0][2] == "blue_square"
+    from datasets import read_folder_dataset
+    again = read_folder_dataset(root, [0.5, 0.2, 0.3], 1, tmp_path / "cache")
+    assert [d.path for d in again.test] == [str(root / p) for p, _, _ in split["test"]]   # seeded: the same split
+    other = read_folder_dataset(root, [0.5, 0.2, 0.3], 2, tmp_path / "cache")
+    assert {d.path for d in other.test} != {d.path for d in again.test}
+
+
+def test_folder_dataset_with_given_splits(demo_root, tmp_path):
+    from datasets import read_folder_dataset
+    root = tmp_path / "given"
+    for split, pattern in (("train", "train_*"), ("test", "test_*")):
+        for name in ("red_circle", "blue_square"):
+            (root / split / name).mkdir(parents=True)
+            for f in (demo_root / "images" / name).glob(pattern):
+                shutil.copy(f, root / split / name / f.name)
+    data = read_folder_dataset(root, [0.5, 0.2, 0.3], 1, tmp_path / "cache")
+    assert data.classnames == ["blue_square", "red_circle"] and data.val == [] and data.split_file is None
+    assert len(data.train) == 16 and len(data.test) == 16
