@@ -5,6 +5,7 @@ the text classifier; results.json carries the alpha chosen on validation data.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,17 @@ class TrainedRun:
     @property
     def transform(self):
         return eval_transform(self.clip.image_size)
+
+
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line arguments every tool that uses a finished run shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
+    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", help="where to read the backbone weights from, if not where training did")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
 
 
 def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = None) -> TrainedRun:

@@ -8,23 +8,17 @@ Uses the run's own config, class names, text classifier and chosen alpha: the fu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from inference import class_probabilities, image_files, load_images, load_run
+from inference import class_probabilities, image_files, load_images, load_run, run_arguments
 from utils import run_main, write_json
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
-    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser = run_arguments(__doc__)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-': stdout only)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", help="where to read the backbone weights from, if not where training did")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.weights)
     paths = image_files(args.images)

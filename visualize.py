@@ -10,14 +10,13 @@ scale for the three maps).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from datasets.loader import CLIP_MEAN, CLIP_STD
-from inference import attention_maps, class_probabilities, image_files, load_images, load_run
+from inference import attention_maps, class_probabilities, image_files, load_images, load_run, run_arguments
 from utils import atomic_write, run_main
 
 PANELS = (("class", "class token"), ("background", "background token"), ("clip", "CLIP's pool"))
@@ -52,14 +51,9 @@ def render(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path:
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
-    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser = run_arguments(__doc__)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", help="where to read the backbone weights from, if not where training did")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.weights)
     out = Path(args.out)
