@@ -108,14 +108,16 @@ class FeatureStore:
             yield fmap, v0, self.labels[torch.from_numpy(rows)].to(device, non_blocking=True)
 
 
-def remove_stale_temporaries(final: Path) -> None:
+def remove_stale_temporaries(folder: Path) -> None:
     """Temporary folders of builds whose process is gone (killed mid-build) are garbage."""
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+    if os.name != "posix":  # os.kill(pid, 0) is only a liveness probe on POSIX
+        return
+    for tmp in folder.glob(".*.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         try:
-            os.kill(int(pid), 0)
             if int(pid) == os.getpid():
-                raise ProcessLookupError
+                raise ProcessLookupError  # a leftover of this very process
+            os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
             shutil.rmtree(tmp, ignore_errors=True)
         except PermissionError:  # alive, another user's
@@ -138,7 +140,7 @@ class StoreWriter:
     def __init__(self, final: Path, rows: int, map_shape: tuple, pooled_dim: int, dtype: np.dtype):
         self.final = final
         final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(final)
+        remove_stale_temporaries(final.parent)
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -271,12 +273,17 @@ class DecodedImage(Dataset):
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
+def as_list(batch: list) -> list:
+    """Keep a batch as a list (images of different sizes); a module-level function, so
+    worker processes started with 'spawn' (macOS, Windows) can unpickle it."""
+    return batch
+
+
 def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list[torch.Tensor]:
     """Decode every training image once, up front: an unreadable one stops the run before
     training starts, naming the file(s)."""
     side = math.ceil(image_size / DECODE_MARGIN)
-    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=num_workers,
-                        collate_fn=lambda batch: batch)
+    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=num_workers, collate_fn=as_list)
     decoded = [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
     bad = [x for x in decoded if isinstance(x, str)]
     if bad:

@@ -53,7 +53,7 @@ def _non_negative(v):
 
 SCHEMA: dict[str, Key] = {
     # what to run on
-    "dataset": Key((str,), None, "dataset name (a key of the layout table, or 'imagenet')"),
+    "dataset": Key((str,), None, "dataset name: one of datasets/coop.py's LAYOUTS, 'imagenet', or 'folder' (your own images)"),
     "data_path": Key((str,), None, "root folder of the dataset (CoOp layout)"),
     "split_fractions": Key((list,), [0.5, 0.2, 0.3], "dataset: folder only: train/val/test fractions of each "
                                                      "class folder when no train/ val/ test/ subfolders exist"),
@@ -66,9 +66,10 @@ SCHEMA: dict[str, Key] = {
                                         "(only for randomly initialised backbones)"),
     # few-shot protocol
     "shots": Key((int,), 16, "training images per class", False, _positive, "> 0"),
-    "seed": Key((int,), 1, "seed of the few-shot sample, the initialisation and the data order"),
-    "val_per_class": Key((int,), 4, "ImageNet only: validation images per class drawn from train images "
-                                    "outside the few-shot set (0: use the fixed `alpha`)", False, _non_negative, ">= 0"),
+    "seed": Key((int,), 1, "seed of the few-shot sample, the data order and the augmentations"),
+    "val_per_class": Key((int,), 4, "datasets without a val split (ImageNet, folders without val/): "
+                                    "validation images per class drawn from train images outside the few-shot set "
+                                    "(0: use the fixed `alpha`)", False, _non_negative, ">= 0"),
     # optimisation
     "lr": Key((float,), 1e-4, "AdamW learning rate", False, _positive, "> 0"),
     "min_lr": Key((float,), 1e-6, "learning rate at the end of the cosine decay", False, _non_negative, ">= 0"),
@@ -227,9 +228,11 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
     """Fixed flags plus ``--<config key> <value>`` for every schema key."""
+    keys = "\n".join(f"  --{name} (default {key.default!r}): {key.help}" for name, key in SCHEMA.items())
     parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Any config key can be overridden: --shots 4 --lr 2e-4 --backbone RN101 ...",
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Any config key overrides the YAML: --shots 4 --lr 2e-4 --backbone RN101 ...\n\n"
+               f"config keys:\n{keys}",
     )
     parser.add_argument("--config", required=True, help="YAML file with the dataset's settings")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a trained region pool, no training")
@@ -243,9 +246,9 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
         token = rest[i]
         if not token.startswith("--"):
             raise RaftError(f"unexpected argument '{token}' (overrides are written --key value)")
-        name, _, value = token[2:].partition("=")
+        name, sep, value = token[2:].partition("=")
         name = name.replace("-", "_")
-        if not _:
+        if not sep:
             if i + 1 >= len(rest):
                 raise RaftError(f"--{name} needs a value")
             value = rest[i + 1]
@@ -253,7 +256,10 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
         i += 1
         if name not in SCHEMA:
             raise RaftError(f"unknown config key '{name}' on the command line (did you mean '{closest_key(name)}'?)")
-        overrides[name] = yaml.safe_load(value) if value != "" else ""
+        try:
+            overrides[name] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise RaftError(f"--{name}: cannot read the value {value!r}") from None
     return build_config(flags.config, overrides), flags
 
 
