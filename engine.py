@@ -29,8 +29,9 @@ CHECKPOINT_FORMAT = 1
 # --------------------------------------------------------------------------- checkpoints
 # Settings that shape what a trained pool computes, or which images it was trained on:
 # evaluation of a checkpoint takes them from the checkpoint, not from the command line.
+# val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
 TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
-                 "descriptions", "templates", "logit_scale")
+                 "descriptions", "templates", "logit_scale", "val_per_class")
 
 
 def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, classnames: list[str],
@@ -243,6 +244,9 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
         log.warning(f"skipped unreadable images: { {k: len(v) for k, v in skipped.items() if v} }")
     log.info(f"results: {results_path}")
     results["run_dir"] = str(run_dir)
+    print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot {results['zero_shot_acc']:.2f}% "
+          f"-> RAFT {results['test_acc']:.2f}% (alpha {results['alpha']:.2f} from {results['alpha_source']}); "
+          f"results in {results_path}")
     return results
 
 

@@ -1,7 +1,8 @@
-"""RAFT on the ten CoOp datasets (and the offline demo).
+"""RAFT on the ten CoOp datasets, on your own image folders, and on the offline demo.
 
     python main.py --config configs/oxford_pets.yaml [--shots 4 --seed 2 ...]
-    python main.py --config configs/demo.yaml         # offline, CPU, a couple of minutes
+    python main.py --config configs/demo.yaml         # offline, CPU, under a minute
+    python main.py --config configs/folder.yaml --data_path data/my_images
 """
 from __future__ import annotations
 
@@ -21,13 +22,7 @@ def main(argv: list[str] | None = None):
         data = read_folder_dataset(cfg.data_path, cfg.split_fractions, cfg.split_seed, cfg.cache_dir, cfg.templates)
     else:
         data = read_coop_dataset(cfg.dataset, cfg.data_path)
-    results = engine.run(cfg, flags, data)
-    if results is not None:
-        print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: "
-              f"zero-shot {results['zero_shot_acc']:.2f}% -> RAFT {results['test_acc']:.2f}% "
-              f"(alpha {results['alpha']:.2f} from {results['alpha_source']}); "
-              f"results in {results['run_dir']}")
-
+    engine.run(cfg, flags, data)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -19,12 +19,7 @@ def main(argv: list[str] | None = None):
     wnids, names = read_classnames(data.root)
     for kind, path in cfg.shift_sets.items():  # ImageNet-V2 / -Sketch / -A / -R, tested with ImageNet's classes
         data.shift_sets[kind] = read_shift_set(kind, path, wnids, names)
-    results = engine.run(cfg, flags, data)
-    if results is not None:
-        print(f"\nimagenet {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot "
-              f"{results['zero_shot_acc']:.2f}% -> RAFT {results['test_acc']:.2f}% "
-              f"(alpha {results['alpha']:.2f} from {results['alpha_source']})")
-
+    engine.run(cfg, flags, data)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -109,11 +109,13 @@ def test_imagenet_train_then_test_from_checkpoint(tmp_path):
     shots = json.loads((run_dir / "fewshot.json").read_text())["items"]
     assert not {v[0] for v in val} & {s[0] for s in shots}
     # test_imagenet.sh's command: evaluation only, from the checkpoint, settings from the checkpoint
-    proc = run("main_imagenet.py", *args, "--shots", "2", "--eval-only", "--checkpoint",
+    proc = run("main_imagenet.py", *args, "--shots", "2", "--val_per_class", "3", "--eval-only", "--checkpoint",
                str(run_dir / "checkpoint.pt"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((run_dir / "results_eval.json").read_text())
-    assert evaluated["shots"] == 4 and evaluated["test_acc"] == results["test_acc"]
+    assert evaluated["shots"] == 4 and evaluated["sizes"] == results["sizes"]      # the run's own val images
+    assert (evaluated["alpha"], evaluated["test_acc"]) == (results["alpha"], results["test_acc"])
+    assert "imagenet tiny-rn 4-shot seed 1" in proc.stdout
     assert evaluated["shift"]["imagenet_sketch"] == results["shift"]["imagenet_sketch"]
 
 
