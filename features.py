@@ -387,7 +387,7 @@ class ViewSource:
             gen = torch.Generator().manual_seed(seed + 2_000_003)
 
             def batches(skipped):
-                for v in range(views):
+                for _ in range(views):  # each pass draws new crops from gen
                     for s in range(0, len(images), batch_size):
                         batch = augment(images[s:s + batch_size], clip.image_size, gen, device)
                         with autocast(device, amp):

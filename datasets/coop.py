@@ -56,8 +56,8 @@ def _check_root(name: str, root: Path) -> None:
 def _labels_to_names(rows_by_split: dict[str, list[tuple[str, int, str]]], source: str) -> list[str]:
     """Class names indexed by label, checking labels are 0..C-1 and names are consistent."""
     names: dict[int, str] = {}
-    for split, rows in rows_by_split.items():
-        for path, label, classname in rows:
+    for rows in rows_by_split.values():
+        for _, label, classname in rows:
             if names.setdefault(label, classname) != classname:
                 raise RaftError(f"{source}: label {label} is called both '{names[label]}' and '{classname}'")
     if not names:

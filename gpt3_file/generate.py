@@ -117,7 +117,7 @@ def describe(asker: Asker, classname: str, questions: list[str], n: int) -> list
     """``n`` distinct descriptions of a class, from the questions in turn."""
     readable = classname.replace("_", " ")
     found: list[str] = []
-    for round_ in range(3):  # a few rounds if answers are short or repeat
+    for _ in range(3):  # a few rounds if answers are short or repeat
         for q in questions:
             need = n - len(found)
             if need <= 0:
