@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from clip.backbone import FrozenCLIP, load_open_clip
-from clip.region_pool import RegionAttentionPool, folded_attention, summary_tokens
+from clip.region_pool import RegionAttentionPool, clip_pool_attention
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
 from loss import cosine_logits
@@ -128,10 +128,7 @@ def attention_maps(run: TrainedRun, images: torch.Tensor) -> dict[str, torch.Ten
     b, _, h, w = fmap.shape
     _, weights = run.pool.attention(fmap)                          # B, heads, 2, HW+2
     grid = weights[..., 2:].mean(1)                                # B, 2, HW
-    attnpool = run.clip.attnpool
-    tokens = summary_tokens(fmap, attnpool.positional_embedding, 1)
-    _, clip_weights = folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj,
-                                       attnpool.num_heads)        # B, heads, 1, HW+1
+    _, clip_weights = clip_pool_attention(run.clip.attnpool, fmap)  # B, heads, 1, HW+1
     clip_grid = clip_weights[..., 1:].mean(1)[:, 0]                # B, HW
     maps = {"class": grid[:, 0], "background": grid[:, 1], "clip": clip_grid}
     return {k: (v / v.sum(-1, keepdim=True)).view(b, h, w).float().cpu() for k, v in maps.items()}

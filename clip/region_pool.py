@@ -53,11 +53,17 @@ def folded_attention(tokens: torch.Tensor, n_query: int, q_proj: nn.Linear, k_pr
     return out.reshape(b, n_query, e), weights.transpose(1, 2)
 
 
-def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
-    """CLIP's own attention pool (its class-token output ``v0``), queried for that token only:
-    equal to ``attnpool(fmap)``, which computes outputs for all HW+1 tokens and keeps one."""
+def clip_pool_attention(attnpool: nn.Module, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's own attention pool queried for its class token only: the output before
+    ``c_proj`` (``B×1×E``) and the attention weights (``B×heads×1×(HW+1)``)."""
     tokens = summary_tokens(fmap, attnpool.positional_embedding, 1)
-    out, _ = folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj, attnpool.num_heads)
+    return folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj, attnpool.num_heads)
+
+
+def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """CLIP's pooled feature ``v0``: equal to ``attnpool(fmap)``, which computes outputs for
+    all HW+1 tokens and keeps one."""
+    out, _ = clip_pool_attention(attnpool, fmap)
     return attnpool.c_proj(out[:, 0])
 
 
