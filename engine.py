@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip
+from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.region_pool import RegionAttentionPool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import DatasetSplits, few_shot, sample_per_class, save_list
@@ -38,8 +38,7 @@ def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: Fr
                     text: torch.Tensor, train_seconds: float) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
     text classifier (predict.py, visualize.py), and a re-estimated trunk's BatchNorm statistics."""
-    measured = {k: v for k, v in clip.model.visual.state_dict().items()
-                if "running_" in k or "num_batches_tracked" in k} if cfg.calibrate_bn else {}
+    measured = batchnorm_statistics(clip) if cfg.calibrate_bn else {}
     torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
                       "backbone": cfg.backbone, "num_classes": len(classnames), "classnames": list(classnames),
                       "text": text.detach().cpu(), "trunk_batchnorm": measured, "train_seconds": train_seconds})
@@ -151,7 +150,10 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     # model: frozen CLIP, text classifier, region pool
     clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
     size = clip.image_size
-    if cfg.calibrate_bn:
+    if ckpt is not None and ckpt.get("trunk_batchnorm"):  # measured in training: no need to read its images again
+        restore_batchnorm(clip, ckpt["trunk_batchnorm"])
+        log.info(f"BatchNorm statistics restored from {ckpt_path}")
+    elif cfg.calibrate_bn:
         calibrate_on(clip, train_items, cfg, device, log)
     text = build_text(clip, data, cfg, log).to(device)
     pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls).to(device)

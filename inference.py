@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from clip.backbone import FrozenCLIP, load_open_clip
+from clip.backbone import FrozenCLIP, load_open_clip, restore_batchnorm
 from clip.region_pool import RegionAttentionPool, clip_pool_attention
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
@@ -71,7 +71,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     dev = resolve_device(device)
     clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone)
     if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
-        clip.model.visual.load_state_dict(ckpt["trunk_batchnorm"], strict=False)
+        restore_batchnorm(clip, ckpt["trunk_batchnorm"])
     clip = clip.to(dev)
     pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls)
     pool.load_state_dict(ckpt["pool"])

@@ -226,3 +226,15 @@ def calibrate_batchnorm(clip: FrozenCLIP, batches) -> int:
     clip._fingerprint = None
     clip._fast_trunk = None
     return seen
+
+
+def batchnorm_statistics(clip: FrozenCLIP) -> dict[str, torch.Tensor]:
+    """The trunk's BatchNorm running statistics (what ``calibrate_batchnorm`` measures)."""
+    return {k: v for k, v in clip.model.visual.state_dict().items() if "running_" in k or "num_batches_tracked" in k}
+
+
+def restore_batchnorm(clip: FrozenCLIP, statistics: dict[str, torch.Tensor]) -> None:
+    """Put back statistics saved from ``batchnorm_statistics`` (a calibrated random trunk)."""
+    clip.model.visual.load_state_dict(statistics, strict=False)
+    clip._fingerprint = None
+    clip._fast_trunk = None

@@ -64,6 +64,7 @@ def test_rerun_is_skipped_and_eval_only_reproduces_the_numbers(demo_run):
     b = json.loads((run_dir / "results_eval.json").read_text())
     assert (b["test_acc"], b["alpha"], b["zero_shot_acc"]) == (a["test_acc"], a["alpha"], a["zero_shot_acc"])
     assert b["train_seconds"] is None
+    assert "BatchNorm statistics restored from" in (run_dir / "log.txt").read_text()   # not re-measured
 
 
 def test_missing_dataset_names_the_expected_layout(tmp_path):
