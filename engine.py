@@ -1,13 +1,23 @@
 """The engine shared by main.py and main_imagenet.py: train the region pool, evaluate, write results.
 
-``run`` reads top to bottom: run folder -> few-shot set -> frozen CLIP -> text classifier ->
-region pool -> training -> evaluation (alpha chosen on validation data) -> results.json.
+``run`` is a short sequence of named phases:
+
+    plan_run        which run folder, what is already there (finished, trained, a resume state)
+    sample_images   the few-shot training set and the validation set
+    build_model     frozen CLIP, text classifier, region pool
+    train_or_load   train the pool (resuming if a state was saved), or load a trained one
+    evaluate_run    logits once per split, alpha chosen on validation data, test numbers
+    write_results   results.json (or results_eval.json / transfer_<dataset>.json)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,74 +25,399 @@ import torch
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.region_pool import RegionAttentionPool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
-from datasets import DatasetSplits, few_shot, sample_per_class, save_list
+from datasets import DatasetSplits, Datum, few_shot, save_list, validation_from_train
 from datasets.loader import eval_transform, make_loader
 from evaluation import collect_logits, evaluate
 from features import LiveSource, ViewSource, eval_store, live_batches
-from training import settings_differ, train_pool
-from utils import (Config, RaftError, remove_temporaries, resolve_device, set_seed, setup_logging, torch_load,
-                   torch_save, write_json, write_yaml)
+from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
+from utils import (SCHEMA, Config, RaftError, check_outside_data, remove_temporaries, resolve_device, set_seed,
+                   setup_logging, torch_load, torch_save, write_json, write_yaml)
 
-CHECKPOINT_FORMAT = 1
+# 1: the pool, its config, class names and text classifier; 2: + the dataset it was trained on
+CHECKPOINT_FORMAT = 2
 
-
-# --------------------------------------------------------------------------- checkpoints
 # Settings that shape what a trained pool computes, or which images it was trained on:
 # evaluation of a checkpoint takes them from the checkpoint, not from the command line.
 # val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
 TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
                  "descriptions", "templates", "logit_scale", "val_per_class")
+# ... of which these describe the source dataset's classes, not the pool: a transfer uses the target's.
+DATASET_TEXT_KEYS = ("descriptions", "templates")
+# Already spelled out in the folder name, so never part of its tag.
+NAMED_KEYS = {"backbone", "shots", "seed", "train_views", "name"}
+MAX_TAG = 64  # longer tags keep their first settings and a hash of all of them
 
 
-def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, classnames: list[str],
-                    text: torch.Tensor, train_seconds: float) -> None:
-    """The region pool plus what using it needs without the dataset: the class names and the
-    text classifier (predict.py, visualize.py), and a re-estimated trunk's BatchNorm statistics."""
-    measured = batchnorm_statistics(clip) if cfg.calibrate_bn else {}
-    torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
-                      "backbone": cfg.backbone, "num_classes": len(classnames), "classnames": list(classnames),
-                      "text": text.detach().cpu(), "trunk_batchnorm": measured, "train_seconds": train_seconds})
+# --------------------------------------------------------------------------- run folders
+def short_value(value) -> str:
+    """A setting as it appears in a folder name: 0.0002, true, a file's name, none."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, dict)):
+        return "list" + hashlib.sha256(repr(value).encode()).hexdigest()[:6]
+    return Path(str(value)).name.replace(" ", "-") or "empty"
 
 
-def read_checkpoint(path: Path, cfg: Config) -> dict:
-    """Load and check a checkpoint against this run's backbone (weights_only: no pickled code)."""
-    ckpt = torch_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or "pool" not in ckpt or not isinstance(ckpt.get("config"), dict):
-        raise RaftError(f"{path} is not a RAFT checkpoint (no region-pool state)")
-    if ckpt.get("backbone") != cfg.backbone:
-        raise RaftError(f"checkpoint {path} was trained with backbone {ckpt.get('backbone')}, "
-                        f"this run uses {cfg.backbone}")
-    return ckpt
+def run_tag(cfg: Config, flags: argparse.Namespace) -> str:
+    """The tag after <backbone>_<shots>shots_seed<seed>: an explicit --name, or else the config
+    file's own `name` followed by the training settings that the command line changed."""
+    overrides = getattr(flags, "overrides", {})
+    if "name" in overrides:
+        return cfg.name or ""
+    file_values = getattr(flags, "file_values", {})
+    changed = [f"{k}={short_value(overrides[k])}" for k in SCHEMA  # schema order: same name for any argument order
+               if k in overrides and k not in NAMED_KEYS and k not in NOT_TRAINING_KEYS
+               and overrides[k] != file_values.get(k)]
+    if len("_".join(changed)) > MAX_TAG:  # readable head, and a hash of all of them for uniqueness
+        digest = hashlib.sha256("_".join(changed).encode()).hexdigest()[:6]
+        head = []
+        while changed and len("_".join(head + changed[:1])) <= MAX_TAG - 20:
+            head.append(changed.pop(0))
+        changed = head + [f"and{len(changed)}more-{digest}"]
+    return "_".join(([cfg.name] if cfg.name else []) + changed)
 
 
-def load_pool_state(pool: RegionAttentionPool, ckpt: dict, path: Path, num_classes: int) -> None:
-    if ckpt.get("num_classes") != num_classes:
-        raise RaftError(f"checkpoint {path} was trained for {ckpt.get('num_classes')} classes, "
-                        f"this dataset has {num_classes}")
-    try:
-        pool.load_state_dict(ckpt["pool"])
-    except RuntimeError as exc:
-        raise RaftError(f"checkpoint {path} does not fit this region pool: {str(exc).splitlines()[0]}") from None
-
-
-def adopt_training_settings(cfg: Config, ckpt: dict, log) -> Config:
-    trained = ckpt["config"]
-    changed = {k: trained[k] for k in TRAINING_KEYS if k in trained and trained[k] != cfg[k]}
-    if changed:
-        log.info(f"evaluating with the checkpoint's training settings: {changed}")
-    return Config(dict(cfg) | changed)
-
-
-# --------------------------------------------------------------------------- the pipeline
 def run_name(cfg: Config) -> str:
     views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
-    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}"
+    tag = f"_{cfg.name}" if cfg.name else ""
+    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{tag}"
 
 
 def run_dir_of(cfg: Config, dataset: str) -> Path:
     return Path(cfg.output_dir) / dataset / run_name(cfg)
 
 
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, data: DatasetSplits,
+                    text: torch.Tensor, train_seconds: float) -> None:
+    """The region pool plus what using it needs without the dataset: the class names and the
+    text classifier (predict.py, visualize.py), the dataset it was trained on (evaluating it
+    elsewhere is a transfer), and a re-estimated trunk's BatchNorm statistics."""
+    measured = batchnorm_statistics(clip) if cfg.calibrate_bn else {}
+    torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
+                      "backbone": cfg.backbone, "dataset": data.name, "num_classes": data.num_classes,
+                      "classnames": list(data.classnames), "text": text.detach().cpu(),
+                      "trunk_batchnorm": measured, "train_seconds": train_seconds})
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint (weights_only: no pickled code) and check it is one of ours."""
+    ckpt = torch_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or "pool" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise RaftError(f"{path} is not a RAFT checkpoint (no region-pool state)")
+    if ckpt.get("format", 1) > CHECKPOINT_FORMAT:
+        raise RaftError(f"{path} was written by a newer version of this code (checkpoint format "
+                        f"{ckpt['format']}, this version reads up to {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def source_dataset(ckpt: dict) -> str | None:
+    """The dataset a checkpoint was trained on. Format 1 recorded only the config's `dataset`,
+    which names CoOp datasets but says just 'folder' for your own folders."""
+    if ckpt.get("dataset"):
+        return ckpt["dataset"]
+    name = ckpt["config"].get("dataset")
+    return None if name in (None, "folder") else name
+
+
+def check_backbone(ckpt: dict, path: Path, cfg: Config) -> None:
+    if ckpt.get("backbone") != cfg.backbone:
+        raise RaftError(f"checkpoint {path} was trained with backbone {ckpt.get('backbone')}, "
+                        f"this run uses {cfg.backbone}")
+
+
+def check_same_classes(ckpt: dict, path: Path, data: DatasetSplits) -> None:
+    if ckpt.get("num_classes") != data.num_classes:
+        raise RaftError(f"checkpoint {path} was trained for {ckpt.get('num_classes')} classes, "
+                        f"this dataset has {data.num_classes}")
+    stored = ckpt.get("classnames")
+    if stored is not None and list(stored) != list(data.classnames):
+        i = next(i for i, (a, b) in enumerate(zip(stored, data.classnames)) if a != b)
+        raise RaftError(f"checkpoint {path} was trained on other classes than {data.name} at {data.root} has "
+                        f"(class {i}: '{stored[i]}' there, '{data.classnames[i]}' here)")
+
+
+def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfer: bool, log) -> Config:
+    """The settings that define the checkpoint's model: its training settings always (not its
+    class text, for a transfer), its backbone and weights unless the command line gives them."""
+    trained, given = ckpt["config"], getattr(flags, "overrides", {})
+    keys = [*(k for k in ("backbone", "weights") if k not in given),
+            *(k for k in TRAINING_KEYS if not (transfer and k in DATASET_TEXT_KEYS))]
+    changed = {k: trained[k] for k in keys if k in trained and trained[k] != cfg[k]}
+    if not transfer and "num_classes" not in given:
+        changed["num_classes"] = ckpt.get("num_classes")
+    if transfer and "num_classes" not in given:
+        changed["num_classes"] = None  # the target's own classes
+    if changed:
+        log.info(f"evaluating with the checkpoint's settings: {changed}")
+    return Config(dict(cfg) | changed)
+
+
+def load_pool_state(pool: RegionAttentionPool, ckpt: dict, path: Path) -> None:
+    try:
+        pool.load_state_dict(ckpt["pool"])
+    except RuntimeError as exc:
+        raise RaftError(f"checkpoint {path} does not fit this region pool: {str(exc).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- phases
+@dataclass
+class RunPlan:
+    """Where a run reads and writes, and what it starts from."""
+    cfg: Config
+    log: logging.Logger
+    run_dir: Path
+    results_path: Path
+    ckpt_path: Path
+    state_path: Path | None = None   # where training saves its resumable state (None: no training)
+    ckpt: dict | None = None         # a trained pool to evaluate instead of training one
+    transfer_from: str | None = None  # evaluating a pool trained on this other dataset
+
+    @property
+    def trains(self) -> bool:
+        return self.ckpt is None
+
+
+def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> RunPlan | None:
+    """Decide the run folder and what it starts from; None when the run has already finished."""
+    cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+    check_outside_data(cfg)
+    if flags.eval_only:  # results go next to the checkpoint, under its training settings
+        ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg, data.name) / "checkpoint.pt"
+        ckpt = read_checkpoint(ckpt_path)
+        source = source_dataset(ckpt)
+        same = source == data.name if source is not None else ckpt.get("classnames") == data.classnames
+        if source is None and not same:
+            raise RaftError(f"checkpoint {ckpt_path} records no dataset it was trained on (written by an older "
+                            f"version): it can only be evaluated on its own classes; train it again to transfer it")
+        run_dir = ckpt_path.parent
+        log = setup_logging(run_dir / "log.txt")
+        cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
+        check_backbone(ckpt, ckpt_path, cfg)
+        if same:
+            check_same_classes(ckpt, ckpt_path, data)
+            return RunPlan(cfg, log, run_dir, run_dir / "results_eval.json", ckpt_path, ckpt=ckpt)
+        log.info(f"cross-dataset transfer: a pool trained on {source}, evaluated on {data.name}")
+        return RunPlan(cfg, log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
+                       transfer_from=source)
+    run_dir = run_dir_of(cfg, data.name)
+    plan = RunPlan(cfg, None, run_dir, run_dir / "results.json", run_dir / "checkpoint.pt", run_dir / "resume.pt")
+    if plan.results_path.is_file() and not flags.force:
+        print(f"{plan.results_path} exists: run already finished (use --force to run it again; --eval-only "
+              f"evaluates it again under other evaluation settings)")
+        return None
+    plan.log = setup_logging(run_dir / "log.txt")
+    remove_temporaries(run_dir)  # left by a process killed while writing
+    if flags.force:
+        plan.state_path.unlink(missing_ok=True)
+        plan.ckpt_path.unlink(missing_ok=True)
+    elif plan.ckpt_path.is_file():  # trained, but stopped before its results were written
+        ckpt = read_checkpoint(plan.ckpt_path)
+        check_backbone(ckpt, plan.ckpt_path, cfg)
+        changed = settings_differ(ckpt["config"], cfg)
+        if changed:
+            raise RaftError(f"{plan.ckpt_path} was trained with other settings ({describe_changes(changed)}); "
+                            f"use --force to train again")
+        plan.ckpt = ckpt
+        plan.log.info(f"training already finished ({plan.ckpt_path}): evaluating")
+    return plan
+
+
+@dataclass
+class ImageSets:
+    train: list[Datum]    # the few-shot training set (empty for a transfer: nothing is trained or chosen)
+    val: list[Datum]
+    val_source: str | None
+
+
+def sample_images(cfg: Config, data: DatasetSplits, plan: RunPlan) -> ImageSets:
+    """The few-shot training set, and a validation set drawn from train if the dataset has none."""
+    if plan.transfer_from is not None:  # alpha comes from the source run: no target label chooses anything
+        return ImageSets([], [], None)
+    train = few_shot(data.train, cfg.shots, cfg.seed, data.num_classes)
+    val, source = data.val, "split"
+    if not val and cfg.val_per_class > 0:
+        val = validation_from_train(data.train, cfg.val_per_class, cfg.seed, data.classnames, {d.path for d in train})
+        source = "train images outside the few-shot set"
+    plan.log.info(f"{data.name}: {data.num_classes} classes, few-shot train {len(train)} ({cfg.shots} shots), "
+                  f"val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
+    return ImageSets(train, val, source if val else None)
+
+
+@dataclass
+class Model:
+    clip: FrozenCLIP
+    text: torch.Tensor           # D × (C+1): class columns, then the background column
+    pool: RegionAttentionPool
+
+
+def build_model(cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan, device: torch.device) -> Model:
+    log = plan.log
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
+    if plan.ckpt is not None and plan.ckpt.get("trunk_batchnorm"):  # measured in training: not read again
+        restore_batchnorm(clip, plan.ckpt["trunk_batchnorm"])
+        log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
+    elif cfg.calibrate_bn:
+        calibrate_on(clip, images.train, cfg, device, log)
+    text = build_text(clip, data, cfg, log).to(device)
+    pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls).to(device)
+    log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): feature map {clip.feature_channels}×"
+             f"{clip.grid}×{clip.grid}, embedding {clip.embed_dim}, {pool.num_heads} heads, "
+             f"{sum(p.numel() for p in pool.parameters()):,} trainable parameters")
+    return Model(clip, text, pool)
+
+
+def train_or_load(model: Model, cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan,
+                  device: torch.device, use_amp: bool) -> float | None:
+    """Train the region pool (resuming a saved state), or load the checkpoint's; the training seconds."""
+    log = plan.log
+    if not plan.trains:
+        load_pool_state(model.pool, plan.ckpt, plan.ckpt_path)
+        log.info(f"loaded region pool from {plan.ckpt_path}")
+        return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
+    write_yaml(plan.run_dir / "config.yaml", dict(cfg))
+    save_list(plan.run_dir / "fewshot.json", images.train, data.root, dataset=data.name, shots=cfg.shots,
+              seed=cfg.seed)
+    if images.val_source not in (None, "split"):
+        save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp, num_workers=cfg.num_workers)
+    if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
+        source = ViewSource(model.clip, images.train, cfg.train_views, cache_dir=cfg.cache_dir,
+                            name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
+    else:                # decodes every training image up front: a bad one stops the run here
+        source = LiveSource(model.clip, images.train, **common)
+    prepare_seconds = time.perf_counter() - start
+    stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
+    train_seconds = prepare_seconds + stats["seconds"]
+    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, data, model.text, train_seconds)
+    plan.state_path.unlink(missing_ok=True)
+    log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
+    return train_seconds
+
+
+def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan,
+                 device: torch.device, use_amp: bool) -> dict:
+    """Logits once per split (trunk features from the cache when enabled), then the alpha search."""
+    skipped: dict[str, list[str]] = {}
+
+    def logits_of(items, split):
+        skip = cfg.bad_images == "skip"
+        if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
+            store = eval_store(model.clip, items, cfg.cache_dir, f"{data.name}_{split}", cfg.eval_batch_size,
+                               cfg.num_workers, device, use_amp, skip_bad=skip)
+            skipped[split] = store.skipped
+            batches = store.batches(cfg.eval_batch_size, device)
+        else:
+            skipped[split] = []
+            batches = live_batches(model.clip, items, eval_transform(model.clip.image_size), cfg.eval_batch_size,
+                                   cfg.num_workers, device, use_amp, skipped[split] if skip else None)
+        logits = collect_logits(model.pool, model.text, batches, device, use_amp, split, cfg.logit_scale)
+        if not len(logits.labels):
+            raise RaftError(f"no readable {split} images")
+        return logits
+
+    val_logits = logits_of(images.val, "val") if images.val else None
+    test_logits = logits_of(data.test, "test")
+    shift_logits = {}
+    for name, shift in data.shift_sets.items():
+        logits = logits_of(shift.items, name)
+        if shift.class_subset is not None:  # 200-class variants: restrict to their classes
+            logits = logits.restrict(shift.class_subset, data.num_classes)
+        shift_logits[name] = logits
+    if plan.transfer_from is None:
+        metrics = evaluate(val_logits, test_logits, cfg, shift_logits)
+    else:
+        alpha, alpha_source = source_alpha(plan, cfg)
+        metrics = evaluate(None, test_logits, Config(dict(cfg) | {"alpha": alpha}), shift_logits)
+        metrics["alpha_source"] = alpha_source
+    sizes = {"train": len(images.train), "val": len(val_logits.labels) if val_logits else 0,
+             "test": len(test_logits.labels)}
+    return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source}
+
+
+def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
+    """A transfer is scored at the alpha its source run chose on its own validation data
+    (or at a fixed --alpha): nothing about the target's labels chooses anything."""
+    if cfg.alpha is not None:
+        return cfg.alpha, "config"
+    source_results = plan.ckpt_path.parent / "results.json"
+    try:
+        return float(json.loads(source_results.read_text())["alpha"]), f"source run ({source_results})"
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RaftError(f"{source_results} is missing or unreadable: the source run's alpha is unknown "
+                        f"(finish that run first, or pass a fixed --alpha)") from None
+
+
+def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, train_seconds: float | None,
+                  eval_seconds: float, device: torch.device) -> dict:
+    metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
+    results = {
+        "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+        "seed": cfg.seed, "num_classes": data.num_classes, "name": cfg.name or None,
+        "sizes": evaluation["sizes"],
+        "val_source": evaluation["val_source"],
+        **({"split_file": str(data.split_file)} if data.split_file else {}),
+        **({"split": data.split_record()} if data.split_record() else {}),
+        **({"protocol": "cross_dataset", "source": {"dataset": plan.transfer_from,
+                                                    "checkpoint": str(plan.ckpt_path)}}
+           if plan.transfer_from is not None else {}),
+        "skipped_images": {split: len(files) for split, files in skipped.items()},
+        **metrics,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
+        "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if any(skipped.values()):
+        results["skipped_files"] = {split: files for split, files in skipped.items() if files}
+    results["alpha_curve"] = results.pop("alpha_curve")  # the long lists last, for readability
+    write_json(plan.results_path, results)
+    log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
+             f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
+             f"[oracle {results['oracle']['test_acc']:.2f}% at alpha={results['oracle']['alpha']:.2f}]  "
+             f"cos(v_cls, v_bg) {results['cls_bg_cosine']:.4f}")
+    for name, r in results.get("shift", {}).items():
+        log.info(f"{name}: RAFT {r['test_acc']:.2f}%  zero-shot {r['zero_shot_acc']:.2f}%")
+    if any(skipped.values()):
+        log.warning(f"skipped unreadable images: { {k: len(v) for k, v in skipped.items() if v} }")
+    log.info(f"results: {plan.results_path}")
+    results["run_dir"] = str(plan.run_dir)
+    what = (f"{plan.transfer_from} -> {data.name}" if plan.transfer_from is not None else data.name)
+    print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot {results['zero_shot_acc']:.2f}% "
+          f"-> RAFT {results['test_acc']:.2f}% (alpha {results['alpha']:.2f} from {results['alpha_source']}); "
+          f"results in {plan.results_path}")
+    return results
+
+
+def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | None:
+    """The whole protocol for one (dataset, backbone, shots, seed); returns the results dict.
+
+    Safe to kill at any moment: started again with the same command it resumes training
+    from its last saved state (training.py), or evaluates the finished checkpoint."""
+    plan = plan_run(cfg, flags, data)
+    if plan is None:
+        return None
+    cfg, log = plan.cfg, plan.log
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}")
+    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
+        raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
+                        f"has {data.num_classes} classes")
+    images = sample_images(cfg, data, plan)
+    model = build_model(cfg, data, images, plan, device)
+    train_seconds = train_or_load(model, cfg, data, images, plan, device, use_amp)
+    start = time.perf_counter()
+    evaluation = evaluate_run(model, cfg, data, images, plan, device, use_amp)
+    return write_results(cfg, data, plan, evaluation, train_seconds, time.perf_counter() - start, device)
+
+
+# --------------------------------------------------------------------------- helpers
 def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch.Tensor:
     templates = cfg.templates or data.templates
     descriptions, source = None, None
@@ -99,157 +434,6 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
         log.info(f"class descriptions: none, templates {templates}")
     sentences = class_sentences(data.classnames, templates, descriptions, str(source))
     return cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
-
-
-def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | None:
-    """The whole protocol for one (dataset, backbone, shots, seed); returns the results dict.
-
-    Safe to kill at any moment: started again with the same command it resumes training
-    from its last saved state (training.py), or evaluates the finished checkpoint."""
-    ckpt = state_path = None
-    if flags.eval_only:  # results go next to the checkpoint, under its training settings
-        ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg, data.name) / "checkpoint.pt"
-        ckpt = read_checkpoint(ckpt_path, cfg)
-        run_dir, results_path = ckpt_path.parent, ckpt_path.parent / "results_eval.json"
-        log = setup_logging(run_dir / "log.txt")
-        cfg = adopt_training_settings(cfg, ckpt, log)
-    else:
-        run_dir = run_dir_of(cfg, data.name)
-        ckpt_path, results_path, state_path = run_dir / "checkpoint.pt", run_dir / "results.json", run_dir / "resume.pt"
-        if results_path.is_file() and not flags.force:
-            print(f"{results_path} exists: run already finished (use --force to run it again)")
-            return None
-        log = setup_logging(run_dir / "log.txt")
-        remove_temporaries(run_dir)  # left by a process killed while writing
-        if flags.force:
-            state_path.unlink(missing_ok=True)
-            ckpt_path.unlink(missing_ok=True)
-        elif ckpt_path.is_file():  # trained, but stopped before its results were written
-            ckpt = read_checkpoint(ckpt_path, cfg)
-            if settings_differ(ckpt["config"], cfg):
-                raise RaftError(f"{ckpt_path} was trained with other settings; use --force to train again")
-            log.info(f"training already finished ({ckpt_path}): evaluating")
-    device = resolve_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    log.info(f"run folder {run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}")
-    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
-        raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
-                        f"has {data.num_classes} classes")
-
-    # data: the few-shot training set, and a validation set drawn from train if there is none
-    train_items = few_shot(data.train, cfg.shots, cfg.seed, data.num_classes)
-    val_items, val_source = data.val, "split"
-    if not val_items and cfg.val_per_class > 0:
-        taken = {d.path for d in train_items}
-        val_items = sample_per_class(data.train, cfg.val_per_class, f"val:{cfg.seed}", data.num_classes, taken)
-        val_source = "train images outside the few-shot set"
-    log.info(f"{data.name}: {data.num_classes} classes, few-shot train {len(train_items)} "
-             f"({cfg.shots} shots), val {len(val_items)} ({val_source if val_items else 'none'}), "
-             f"test {len(data.test)}")
-
-    # model: frozen CLIP, text classifier, region pool
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
-    size = clip.image_size
-    if ckpt is not None and ckpt.get("trunk_batchnorm"):  # measured in training: no need to read its images again
-        restore_batchnorm(clip, ckpt["trunk_batchnorm"])
-        log.info(f"BatchNorm statistics restored from {ckpt_path}")
-    elif cfg.calibrate_bn:
-        calibrate_on(clip, train_items, cfg, device, log)
-    text = build_text(clip, data, cfg, log).to(device)
-    pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls).to(device)
-    log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): feature map {clip.feature_channels}×"
-             f"{clip.grid}×{clip.grid}, embedding {clip.embed_dim}, {pool.num_heads} heads, "
-             f"{sum(p.numel() for p in pool.parameters()):,} trainable parameters")
-
-    # train the region pool (resuming if a state was saved), or load it
-    if ckpt is not None:
-        load_pool_state(pool, ckpt, ckpt_path, data.num_classes)
-        train_seconds = None if flags.eval_only else ckpt.get("train_seconds")
-        log.info(f"loaded region pool from {ckpt_path}")
-    else:
-        write_yaml(run_dir / "config.yaml", dict(cfg))
-        save_list(run_dir / "fewshot.json", train_items, data.root, dataset=data.name, shots=cfg.shots,
-                  seed=cfg.seed)
-        if val_source != "split" and val_items:
-            save_list(run_dir / "val_from_train.json", val_items, data.root, dataset=data.name, seed=cfg.seed)
-        set_seed(cfg.seed)
-        start = time.perf_counter()
-        common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp,
-                      num_workers=cfg.num_workers)
-        if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
-            source = ViewSource(clip, train_items, cfg.train_views, cache_dir=cfg.cache_dir,
-                                name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
-        else:                # decodes every training image up front: a bad one stops the run here
-            source = LiveSource(clip, train_items, **common)
-        prepare_seconds = time.perf_counter() - start
-        stats = train_pool(pool, text, source, cfg, device, log, state_path)
-        train_seconds = prepare_seconds + stats["seconds"]
-        save_checkpoint(ckpt_path, pool, cfg, clip, data.classnames, text, train_seconds)
-        state_path.unlink(missing_ok=True)
-        log.info(f"trained in {train_seconds:.1f}s; checkpoint {ckpt_path}")
-
-    # evaluate: logits once per split, then the alpha search is cheap
-    start = time.perf_counter()
-    skipped: dict[str, list[str]] = {}
-
-    def logits_of(items, split):
-        skip = cfg.bad_images == "skip"
-        if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
-            store = eval_store(clip, items, cfg.cache_dir, f"{data.name}_{split}", cfg.eval_batch_size,
-                               cfg.num_workers, device, use_amp, skip_bad=skip)
-            skipped[split] = store.skipped
-            batches = store.batches(cfg.eval_batch_size, device)
-        else:
-            skipped[split] = []
-            batches = live_batches(clip, items, eval_transform(size), cfg.eval_batch_size, cfg.num_workers,
-                                   device, use_amp, skipped[split] if skip else None)
-        logits = collect_logits(pool, text, batches, device, use_amp, split, cfg.logit_scale)
-        if not len(logits.labels):
-            raise RaftError(f"no readable {split} images")
-        return logits
-
-    val_logits = logits_of(val_items, "val") if val_items else None
-    test_logits = logits_of(data.test, "test")
-    shift_logits = {}
-    for name, shift in data.shift_sets.items():
-        logits = logits_of(shift.items, name)
-        if shift.class_subset is not None:  # 200-class variants: restrict to their classes
-            logits = logits.restrict(shift.class_subset, data.num_classes)
-        shift_logits[name] = logits
-    metrics = evaluate(val_logits, test_logits, cfg, shift_logits)
-    eval_seconds = time.perf_counter() - start
-
-    results = {
-        "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
-        "seed": cfg.seed, "num_classes": data.num_classes,
-        "sizes": {"train": len(train_items), "val": len(val_logits.labels) if val_logits else 0,
-                  "test": len(test_logits.labels)},
-        "val_source": val_source if val_items else None,
-        **({"split_file": str(data.split_file)} if data.split_file else {}),
-        "skipped_images": {split: len(files) for split, files in skipped.items()},
-        **metrics,
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "checkpoint": str(ckpt_path), "device": str(device), "torch": torch.__version__,
-        "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    if any(skipped.values()):
-        results["skipped_files"] = {split: files for split, files in skipped.items() if files}
-    results["alpha_curve"] = results.pop("alpha_curve")  # the long lists last, for readability
-    write_json(results_path, results)
-    log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
-             f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
-             f"[oracle {results['oracle']['test_acc']:.2f}% at alpha={results['oracle']['alpha']:.2f}]  "
-             f"cos(v_cls, v_bg) {results['cls_bg_cosine']:.4f}")
-    for name, r in results.get("shift", {}).items():
-        log.info(f"{name}: RAFT {r['test_acc']:.2f}%  zero-shot {r['zero_shot_acc']:.2f}%")
-    if any(skipped.values()):
-        log.warning(f"skipped unreadable images: { {k: len(v) for k, v in skipped.items() if v} }")
-    log.info(f"results: {results_path}")
-    results["run_dir"] = str(run_dir)
-    print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot {results['zero_shot_acc']:.2f}% "
-          f"-> RAFT {results['test_acc']:.2f}% (alpha {results['alpha']:.2f} from {results['alpha_source']}); "
-          f"results in {results_path}")
-    return results
 
 
 def calibrate_on(clip: FrozenCLIP, items, cfg: Config, device: torch.device, log) -> None:

@@ -1,4 +1,4 @@
-"""Evaluation (METHOD.md §7): logits of a split, the alpha search, the reported numbers."""
+"""Evaluation (doc/method.md §7): logits of a split, the alpha search, the reported numbers."""
 from __future__ import annotations
 
 from typing import NamedTuple

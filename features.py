@@ -1,4 +1,4 @@
-"""Frozen-trunk outputs, computed as rarely as the method allows (METHOD.md §9).
+"""Frozen-trunk outputs, computed as rarely as the method allows (doc/method.md §9).
 
 The trunk is frozen, so its output for an (image, transform) pair never changes:
 - evaluation: val/test feature maps and CLIP's pooled features are computed once per
@@ -35,7 +35,7 @@ from utils import RaftError, autocast, sha256_text
 log = logging.getLogger("raft")
 
 CACHE_VERSION = 1
-CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of METHOD.md §6
+CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of doc/method.md §6
 CROP_RATIO = (3 / 4, 4 / 3)
 # The smallest crop side is sqrt(0.8 · 3/4) ≈ 0.775 of the image's shorter side: images kept
 # with a shorter side of size / 0.77 are never upsampled by any crop, as with the original.
@@ -155,7 +155,11 @@ class StoreWriter:
         self.labels = np.zeros(rows, dtype=np.int64)
 
     def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Append a batch; False when the maps do not fit the storage dtype (float16 overflow)."""
+        """Append a batch; False when float32 maps do not fit float16 storage (retry as float32)."""
+        if fmap.dtype != torch.float32 and not torch.isfinite(fmap).all():
+            # mixed precision: the trunk itself overflowed float16, storing float32 cannot help
+            raise RaftError(f"the frozen trunk's features overflow float16 under mixed precision (amp): "
+                            f"rerun with --amp false")
         with np.errstate(over="ignore"):  # overflow is detected just below
             maps = fmap.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
         if not np.isfinite(maps).all():
@@ -253,7 +257,12 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
 
 # --------------------------------------------------------------------------- faithful training
 class DecodedImage(Dataset):
-    """Decode once to RGB uint8, shorter side reduced to ``side`` when larger."""
+    """Decode once to RGB uint8 (an ``H×W×3`` numpy array), shorter side reduced to ``side`` when larger.
+
+    Workers hand numpy arrays back pickled through their pipe, so the decoded images land in
+    ordinary memory of the main process. (Tensors would travel as shared-memory segments,
+    one open file descriptor each for as long as the image lives: 16-shot ImageNet would
+    need 16,000 descriptors and a /dev/shm as large as the images.)"""
 
     def __init__(self, items: list[Datum], side: int):
         self.items, self.side = items, side
@@ -270,7 +279,7 @@ class DecodedImage(Dataset):
         if min(w, h) > self.side:
             scale = self.side / min(w, h)
             img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return np.array(img, dtype=np.uint8)
 
 
 def as_list(batch: list) -> list:
@@ -289,7 +298,7 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise RaftError(f"unreadable training image {bad[0]}{more}")
-    return decoded
+    return [torch.from_numpy(img).permute(2, 0, 1) for img in decoded]
 
 
 def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
@@ -316,7 +325,7 @@ def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int
 
 
 def augment(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """METHOD.md §6's training transform on decoded images: random resized crop (bicubic,
+    """doc/method.md §6's training transform on decoded images: random resized crop (bicubic,
     antialiased), horizontal flip, CLIP normalisation — on ``device``."""
     out = torch.empty(len(images), 3, size, size, device=device)
     flips = torch.rand(len(images), generator=gen) < 0.5

@@ -1,4 +1,4 @@
-"""RAFT's logits and training loss (METHOD.md §4–§5)."""
+"""RAFT's logits and training loss (doc/method.md §4–§5)."""
 from __future__ import annotations
 
 import torch

@@ -11,11 +11,12 @@ import sys
 import engine
 from datasets import read_coop_dataset, read_folder_dataset
 from datasets.demo import ensure_demo_dataset
-from utils import parse_args, run_main
+from utils import check_outside_data, parse_args, run_main
 
 
 def main(argv: list[str] | None = None):
     cfg, flags = parse_args(argv, "Train and evaluate RAFT on a CoOp-layout dataset.")
+    check_outside_data(cfg)
     if cfg.dataset == "demo":
         ensure_demo_dataset(cfg.data_path)  # generated once, offline
     if cfg.dataset == "folder":  # your own images: <data_path>/<class name>/*.jpg

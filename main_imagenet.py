@@ -10,11 +10,12 @@ import sys
 import engine
 from datasets import read_imagenet, read_shift_set
 from datasets.imagenet import read_classnames
-from utils import parse_args, run_main
+from utils import check_outside_data, parse_args, run_main
 
 
 def main(argv: list[str] | None = None):
     cfg, flags = parse_args(argv, "Train and evaluate RAFT on ImageNet (CoOp layout).")
+    check_outside_data(cfg)
     data = read_imagenet(cfg.data_path)
     wnids, names = read_classnames(data.root)
     for kind, path in cfg.shift_sets.items():  # ImageNet-V2 / -Sketch / -A / -R, tested with ImageNet's classes

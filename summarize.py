@@ -6,7 +6,9 @@
 Rows are shot counts (and zero-shot CLIP), columns the datasets and their average; cells
 are mean ± std (sample std) over seeds. Missing runs are gaps, never zeros; the average is
 given only for rows where every dataset of the table has a number. Runs of different
-backbones or protocols (``train_views``) get separate tables, suffixed with their name.
+backbones or settings (``train_views``, a run-folder tag such as ``lr=0.0002``) get separate
+tables, suffixed with their name. ImageNet runs tested on shift sets add a distribution-shift
+table (ImageNet, each variant, the variants' average).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -25,23 +28,29 @@ from utils import RaftError, atomic_write, run_main
 # The paper's column order; any other dataset follows alphabetically.
 DATASET_ORDER = ["imagenet", "caltech101", "dtd", "eurosat", "fgvc", "food101", "oxford_flowers", "oxford_pets",
                  "stanford_cars", "sun397", "ucf101"]
+SHIFT_ORDER = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def group_of(run_dir: Path) -> str:
+    """The run folder's name without shots and seed: backbone and settings (RN50_views10_lr=0.0002)."""
+    return re.sub(r"_\d+shots_seed\d+", "", run_dir.name)
 
 
 def collect(root: Path) -> dict[str, list[dict]]:
-    """results.json files under ``root``, grouped by (backbone, protocol)."""
+    """results.json files under ``root``, grouped by backbone and settings."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(root.rglob("results.json")):
         try:
             r = json.loads(path.read_text())
             row = {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"],
                    "acc": float(r["test_acc"]), "zero_shot": float(r["zero_shot_acc"]),
-                   "backbone": r["backbone"]}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                   "backbone": r["backbone"],
+                   "shift": {k: (float(v["test_acc"]), float(v["zero_shot_acc"]))
+                             for k, v in (r.get("shift") or {}).items()}}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             print(f"skipping {path}: not a RAFT results file ({type(exc).__name__})", file=sys.stderr)
             continue
-        views = path.parent.name.rsplit("_views", 1)
-        group = r["backbone"] + (f"_views{views[1]}" if len(views) == 2 else "")
-        groups[group].append(row)
+        groups[group_of(path.parent)].append(row)
     return groups
 
 
@@ -49,9 +58,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
+def ordered(names, order: list[str]) -> list[str]:
+    return sorted(set(names), key=lambda d: (order.index(d) if d in order else len(order), d))
+
+
 def build_table(rows: list[dict]) -> dict:
-    datasets = sorted({r["dataset"] for r in rows},
-                      key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d))
+    datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
     shots = sorted({r["shots"] for r in rows})
     by_cell = defaultdict(list)
     zero = defaultdict(list)
@@ -77,17 +89,19 @@ def fmt(cell) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def fmt_mean(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def markdown(table: dict, title: str) -> str:
     ds = table["datasets"]
     lines = [f"### {title}", "", "| shots | " + " | ".join(ds) + " | Average |",
              "|---|" + "---|" * (len(ds) + 1)]
-    zero_avg = table["zero_average"]
     lines.append("| zero-shot | " + " | ".join(fmt(table["zero"].get(d)) for d in ds) + " | "
-                 + ("–" if zero_avg is None else f"{zero_avg:.2f}") + " |")
+                 + fmt_mean(table["zero_average"]) + " |")
     for s in table["shots"]:
-        avg = table["averages"][s]
         lines.append(f"| {s} | " + " | ".join(fmt(table["cells"].get((s, d))) for d in ds) + " | "
-                     + ("–" if avg is None else f"{avg:.2f}") + " |")
+                     + fmt_mean(table["averages"][s]) + " |")
     lines += ["", "Test top-1 accuracy (%), mean ± std over seeds; – : no run."]
     return "\n".join(lines) + "\n"
 
@@ -107,6 +121,56 @@ def csv_text(table: dict, group: str) -> str:
         if table["averages"][s] is not None:
             writer.writerow([group, "average", s, "", f"{table['averages'][s]:.4f}", "",
                              "" if table["zero_average"] is None else f"{table['zero_average']:.4f}"])
+    return buf.getvalue()
+
+
+def shift_table(rows: list[dict]) -> dict | None:
+    """ImageNet and its shift sets per shot count (and zero-shot CLIP), mean ± std over seeds,
+    and the average over the variants (given only when a row has all of them)."""
+    runs = [r for r in rows if r["shift"]]
+    if not runs:
+        return None
+    variants = ordered((k for r in runs for k in r["shift"]), SHIFT_ORDER)
+
+    def cells_of(chosen: list[dict], zero: bool) -> dict:
+        cells = {"imagenet": mean_std([r["zero_shot"] if zero else r["acc"] for r in chosen])}
+        for v in variants:
+            values = [r["shift"][v][1 if zero else 0] for r in chosen if v in r["shift"]]
+            if values:
+                cells[v] = mean_std(values)
+        means = [cells[v][0] for v in variants if v in cells]
+        cells["average"] = statistics.fmean(means) if len(means) == len(variants) else None
+        return cells
+
+    table = {"zero-shot": cells_of(runs, zero=True)}
+    for shots in sorted({r["shots"] for r in runs}):
+        table[str(shots)] = cells_of([r for r in runs if r["shots"] == shots], zero=False)
+    return {"columns": ["imagenet", *variants], "rows": table}
+
+
+def shift_markdown(table: dict, title: str) -> str:
+    cols = table["columns"]
+    lines = [f"### {title}", "", "| shots | " + " | ".join(cols) + " | variants average |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for label, cells in table["rows"].items():
+        lines.append(f"| {label} | " + " | ".join(fmt(cells.get(c)) for c in cols) + " | "
+                     + fmt_mean(cells["average"]) + " |")
+    lines += ["", "Trained on ImageNet, tested on its variants with the ImageNet classifier (the 200-class "
+                  "variants restricted to their classes); top-1 accuracy (%), mean ± std over seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def shift_csv(table: dict, group: str) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["group", "shots", "test_set", "runs", "mean", "std"])
+    for label, cells in table["rows"].items():
+        for col in table["columns"]:
+            if col in cells:
+                mean, std, n = cells[col]
+                writer.writerow([group, label, col, n, f"{mean:.4f}", "" if std is None else f"{std:.4f}"])
+        if cells["average"] is not None:
+            writer.writerow([group, label, "variants_average", "", f"{cells['average']:.4f}", ""])
     return buf.getvalue()
 
 
@@ -143,6 +207,10 @@ def plot(table: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder searched recursively for results.json (e.g. output/)")
@@ -162,11 +230,15 @@ def main(argv: list[str] | None = None):
         suffix = "" if len(groups) == 1 else f"_{group}"
         table = build_table(rows)
         md = markdown(table, f"RAFT, {group}: {len(rows)} runs")
-        atomic_write(out / f"summary{suffix}.md", lambda fh: fh.write(md), mode="w")
-        text = csv_text(table, group)
-        atomic_write(out / f"summary{suffix}.csv", lambda fh: fh.write(text), mode="w")
-        print(md)
         written = [f"summary{suffix}.md", f"summary{suffix}.csv"]
+        write_text(out / f"summary{suffix}.csv", csv_text(table, group))
+        shifts = shift_table(rows)
+        if shifts is not None:
+            md += "\n" + shift_markdown(shifts, f"RAFT, {group}: distribution shift")
+            write_text(out / f"summary{suffix}_shift.csv", shift_csv(shifts, group))
+            written.append(f"summary{suffix}_shift.csv")
+        write_text(out / f"summary{suffix}.md", md)
+        print(md)
         if not args.no_plot:
             plot(table, f"RAFT, {group}", out / f"summary{suffix}.png")
             written.append(f"summary{suffix}.png")

@@ -1,4 +1,4 @@
-"""Training the region pool (METHOD.md §5–§6), resumable at any step boundary.
+"""Training the region pool (doc/method.md §5–§6), resumable at any step boundary.
 
 A run saves its whole training state (pool, optimizer, scaler, schedule position, data
 order and augmentation RNG states, partial-epoch sums) to ``resume.pt`` after epochs, at
@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from clip.region_pool import RegionAttentionPool
 from loss import cosine_logits, raft_loss
-from utils import Config, RaftError, autocast, torch_load, torch_save
+from utils import SCHEMA, Config, RaftError, autocast, torch_load, torch_save
 
 STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
 NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
                      "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
-                     "shift_sets", "val_per_class", "num_classes"}
+                     "shift_sets", "val_per_class", "num_classes", "data_path", "name"}
 
 
 class Interrupted(RaftError):
@@ -55,10 +55,31 @@ def training_settings(cfg: Config | dict) -> dict:
 
 
 def settings_differ(saved: dict, cfg: Config) -> dict:
-    """{key: (saved, now)} for the training settings that changed."""
+    """{key: (saved, now)} for the training settings that changed. A key the saved config lacks
+    (written before the key existed) counts as its default, which is what that version did."""
     now = training_settings(cfg)
-    before = training_settings(saved)
+    before = training_settings({name: key.default for name, key in SCHEMA.items()} | dict(saved))
     return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
+
+
+def describe_changes(changed: dict, most: int = 4) -> str:
+    """'lr: 0.0001 -> 0.0002, lambda2: 0.5 -> 1.0' (the first few)."""
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:most])
+    return shown + (f" and {len(changed) - most} more" if len(changed) > most else "")
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict, log) -> None:
+    """Load a saved gradient scaler. A state saved by a disabled scaler is empty (a CPU run, or
+    amp off): resuming it where the scaler is on starts a fresh scale, and the reverse drops
+    the saved one; both are said in the log (the numerics change: float16 autocast vs float32)."""
+    if bool(saved) == scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled():
+        log.info("resuming with mixed precision a state trained without it (another device, or amp changed): "
+                 "a fresh gradient scaler; the numerics change from here on (float16 autocast vs float32)")
+    else:
+        log.info("resuming without mixed precision a state trained with it (another device, or amp changed): "
+                 "its gradient scaler is dropped; the numerics change from here on (float32 vs float16 autocast)")
 
 
 class StopRequest:
@@ -95,15 +116,14 @@ def load_state(path: Path, cfg: Config) -> dict | None:
         raise RaftError(f"{path} is not a resume state of this version; delete it or use --force")
     changed = settings_differ(state["config"], cfg)
     if changed:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:4])
-        raise RaftError(f"an unfinished run with other settings is in {path.parent} ({shown}); "
+        raise RaftError(f"an unfinished run with other settings is in {path.parent} ({describe_changes(changed)}); "
                         f"rerun with its settings to resume, or pass --force to start over")
     return state
 
 
 def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Config, device: torch.device, log,
                state_path: Path | None = None) -> dict:
-    """AdamW over the region pool only, learning rate set per iteration (METHOD.md §6).
+    """AdamW over the region pool only, learning rate set per iteration (doc/method.md §6).
 
     ``source`` yields ``(feature map, v0, labels)`` batches for an epoch — computed on the fly
     (faithful mode) or read from cached views — and can save and restore its RNG state.
@@ -120,7 +140,7 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
     if state is not None:
         pool.load_state_dict(state["pool"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state["scaler"], log)
         source.load_state_dict(state["source"])
         torch.set_rng_state(state["torch_rng"])
         progress = state["progress"]

@@ -78,6 +78,8 @@ SCHEMA: dict[str, Key] = {
     "train_epoch": Key((int,), 50, "training epochs", False, _positive, "> 0"),
     "warmup_epoch": Key((int,), 10, "epochs of linear learning-rate warm-up", False, _non_negative, ">= 0"),
     "batch_size": Key((int,), 64, "training batch size", False, _positive, "> 0"),
+    "batch_size_by_shots": Key((dict,), {}, "batch size for particular shot counts, e.g. {1: 64} (the reference's "
+                                            "ImageNet 1-shot batch); a --batch_size on the command line wins"),
     "eval_batch_size": Key((int,), 128, "evaluation batch size", False, _positive, "> 0"),
     # loss
     "lambda1": Key((float,), 0.1, "weight of the class/background separation term"),
@@ -112,6 +114,9 @@ SCHEMA: dict[str, Key] = {
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
                                      "per image computed once and cycled through the epochs", True, _positive, "> 0"),
     "output_dir": Key((str,), "output", "root of the run folders"),
+    "name": Key((str,), None, "tag of the run folder after <backbone>_<shots>shots_seed<seed>: null = the training "
+                              "settings given on the command line that differ from the config file "
+                              "(e.g. _lr=0.0002); '' = no tag", True),
 }
 
 
@@ -197,14 +202,27 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Config:
-    """Schema defaults <- YAML <- overrides, each value type-checked, then cross-checked."""
+def file_values(yaml_path: str | Path | None) -> dict[str, Any]:
+    """Schema defaults <- YAML, each value type-checked (the config file's layer alone)."""
     values = {name: key.default for name, key in SCHEMA.items()}
     if yaml_path is not None:
         for name, value in load_yaml(yaml_path).items():
             values[name] = _coerce(name, value, str(yaml_path))
+    return values
+
+
+def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Config:
+    """Schema defaults <- YAML <- overrides, each value type-checked, then cross-checked."""
+    values = file_values(yaml_path)
     for name, value in overrides.items():
         values[name] = _coerce(name, value, "command line")
+    by_shots = values["batch_size_by_shots"]
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and isinstance(v, int)
+               and not isinstance(v, bool) and v > 0 for k, v in by_shots.items()):
+        raise RaftError(f"config key 'batch_size_by_shots' must map shot counts to batch sizes, e.g. {{1: 64}}; "
+                        f"got {by_shots!r}")
+    if values["shots"] in by_shots and "batch_size" not in overrides:
+        values["batch_size"] = by_shots[values["shots"]]
     for required in ("dataset", "data_path"):
         if not values[required]:
             raise RaftError(f"config key '{required}' is required (set it in the YAML or with --{required})")
@@ -224,6 +242,17 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
         if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
             raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
     return Config(values)
+
+
+def check_outside_data(cfg: Config) -> None:
+    """Run folders and caches inside the dataset's folder would be read as data next time (a
+    folder dataset takes every sub-folder for a class): refuse before anything is written."""
+    root = Path(cfg.data_path).resolve()
+    for key in ("output_dir", "cache_dir"):
+        where = Path(cfg[key]).resolve()
+        if where == root or root in where.parents:
+            raise RaftError(f"{key} {where} is inside the dataset folder {root}: run from another folder, "
+                            f"or set --{key} elsewhere")
 
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
@@ -260,7 +289,11 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
             overrides[name] = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             raise RaftError(f"--{name}: cannot read the value {value!r}") from None
-    return build_config(flags.config, overrides), flags
+    cfg = build_config(flags.config, overrides)
+    # what the command line changed relative to the config file (run-folder names, --eval-only)
+    flags.file_values = file_values(flags.config)
+    flags.overrides = {name: cfg[name] for name in overrides}
+    return cfg, flags
 
 
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
@@ -294,11 +327,24 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to run on, made current when it is a GPU (so that every CUDA context,
+    pinned-memory threads' included, opens on it and not on GPU 0)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RaftError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RaftError(f"device '{name}' is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RaftError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= count:
+            raise RaftError(f"device '{name}' does not exist: this machine has {count} CUDA device(s) "
+                            f"(cuda:0 ... cuda:{count - 1})")
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     return device
 
 

@@ -279,7 +279,8 @@ def main():
     results["sweep"] = s = bench_sweep(args, data_root, work, device)
     print(f"[3] 3-run sweep (faithful, {args.sweep_epochs} epoch(s) each): eval {s['uncached']['eval_seconds']:.1f}s "
           f"uncached vs {s['cached']['eval_seconds']:.1f}s cached -> {s['eval_ratio']:.1f}x; whole sweep "
-          f"{s['uncached']['total_seconds']:.1f}s vs {s['cached']['total_seconds']:.1f}s -> {s['total_ratio']:.2f}x")
+          f"{s['uncached']['total_seconds']:.1f}s uncached vs {s['cached']['total_seconds']:.1f}s cached "
+          f"-> {s['total_ratio']:.2f}x")
 
     results["views"] = v = bench_views(clip, text, items, cfg, device, amp, args.workers, work / "views_cache",
                                        args.epochs, e["straightforward"]["epoch_seconds"],

@@ -9,8 +9,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -20,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from clip.region_pool import clip_pool_forward
 
-from utils import RaftError
+from utils import RaftError, torch_load
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn (and any config dropped there)
@@ -56,19 +60,80 @@ def _check_state_fits(model: nn.Module, state: dict, path: Path, backbone: str) 
         raise RaftError(f"{path} does not hold {backbone} weights: {detail}")
 
 
+@contextmanager
+def quiet_libraries():
+    """open_clip logs through the root logger and huggingface_hub through its own: their info
+    and warning lines (random init, download retries) are noise around our one-line errors."""
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first line of an exception's message, shortened at a word boundary."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text
+
+
 def _create(name: str, quick_gelu: bool, pretrained: str | None = None) -> nn.Module:
     try:
-        return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
-                                      device="cpu", precision="fp32")
+        with quiet_libraries():
+            return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                          device="cpu", precision="fp32")
     except RaftError:
         raise
-    except Exception as exc:  # network, missing file, incompatible checkpoint
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        hint = ""
-        if pretrained == "openai":
-            hint = (" — the OpenAI weights are fetched from the Hugging Face hub on first use; offline, "
-                    "point `weights` at a local checkpoint (see doc/weights.md)")
-        raise RaftError(f"cannot load CLIP {name} with weights '{pretrained}': {first}{hint}") from None
+    except Exception as exc:  # missing file, incompatible checkpoint, a download that broke off
+        raise RaftError(f"cannot load CLIP {name} with weights '{pretrained}': {first_line(exc)}") from None
+
+
+HUB_TIMEOUT = 5.0  # seconds to wait for the Hugging Face hub before calling it unreachable
+HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # what open_clip downloads
+
+
+def openai_weights_file(backbone: str) -> Path | None:
+    """A local copy of OpenAI's weights for ``backbone``, if one is cached: the ``clip``
+    package's download (``~/.cache/clip/RN50.pt``), or open_clip's in the Hugging Face cache."""
+    cfg = open_clip.get_pretrained_cfg(backbone, "openai")
+    url = cfg.get("url", "")
+    if url:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip" / url.rsplit("/", 1)[-1]
+        if cache.is_file():
+            return cache
+    repo = cfg.get("hf_hub", "").rstrip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+        for filename in HUB_FILES:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    return None
+
+
+def check_hub_reachable(backbone: str) -> None:
+    """Fail in seconds, with one line, when OpenAI's weights are not cached and the hub cannot
+    be reached (the download library retries each candidate file for about a minute)."""
+    from huggingface_hub import constants
+    endpoint = constants.ENDPOINT
+    advice = "offline, set `weights` to a local checkpoint (doc/weights.md)"
+    if constants.HF_HUB_OFFLINE:
+        raise RaftError(f"OpenAI's {backbone} weights are not in the local cache and HF_HUB_OFFLINE is set; {advice}")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # the server answered: reachable
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a bad endpoint
+        reason = getattr(exc, "reason", exc)
+        raise RaftError(f"cannot download OpenAI's {backbone} weights: the Hugging Face hub ({endpoint}) cannot be "
+                        f"reached ({first_line(reason) if isinstance(reason, BaseException) else reason}); "
+                        f"{advice}") from None
 
 
 def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) -> nn.Module:
@@ -83,22 +148,25 @@ def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) 
             if backbone.lower().startswith("vit") else f"unknown backbone '{backbone}'"
         raise RaftError(f"{kind}; supported: {', '.join(SUPPORTED_BACKBONES)}")
     if weights is None:
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # open_clip warns about random init: here it is what was asked for
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(TINY_INIT_SEED)
-                return _create(backbone, quick_gelu)
-        finally:
-            root.setLevel(level)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_INIT_SEED)
+            return _create(backbone, quick_gelu)
     if weights == "openai":
-        if backbone == "tiny-rn":
-            raise RaftError("tiny-rn has no pretrained weights: set `weights: null`")
+        if not open_clip.get_pretrained_cfg(backbone, "openai"):
+            raise RaftError(f"{backbone} has no pretrained weights: set `weights: null`")
+        cached = openai_weights_file(backbone)
+        if cached is not None:
+            return load_local(backbone, cached, quick_gelu)
+        check_hub_reachable(backbone)
         return _create(backbone, quick_gelu, "openai")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise RaftError(f"weights file not found: {path} (use 'openai', a checkpoint path, or null)")
+    return load_local(backbone, path, quick_gelu)
+
+
+def load_local(backbone: str, path: Path, quick_gelu: bool) -> nn.Module:
+    """A local checkpoint: OpenAI's TorchScript archive, or an open_clip state dict."""
     if _is_torchscript_archive(path):
         # OpenAI's own download (~/.cache/clip/RN50.pt) is a TorchScript archive; open_clip
         # loads checkpoints with weights_only=True, which refuses those. torch.jit.load reads
@@ -107,11 +175,32 @@ def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) 
             warnings.simplefilter("ignore", FutureWarning)
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         state = {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
-        model = _create(backbone, quick_gelu)
-        _check_state_fits(model, state, path, backbone)
-        model.load_state_dict(state, strict=True)
-        return model
-    return _create(backbone, quick_gelu, str(path))
+    else:
+        state = read_state_dict(path)
+    model = _create(backbone, quick_gelu)
+    _check_state_fits(model, state, path, backbone)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def read_state_dict(path: Path) -> dict:
+    """An open_clip checkpoint as a state dict: safetensors, or a torch file read with
+    ``weights_only=True`` (optionally wrapped in {'state_dict': ...} with 'module.' prefixes,
+    as open_clip's training script saves it)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise RaftError(f"cannot read weights {path}: {first_line(exc)}") from None
+    state = torch_load(path, "weights file")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RaftError(f"{path} is not a state dict of CLIP weights")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 class FrozenCLIP(nn.Module):

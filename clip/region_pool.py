@@ -1,4 +1,4 @@
-"""RegionAttentionPool: the only trainable module of RAFT (METHOD.md §2).
+"""RegionAttentionPool: the only trainable module of RAFT (doc/method.md §2).
 
 A copy of CLIP's attention pool whose token sequence carries two summary tokens,
 

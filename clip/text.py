@@ -1,4 +1,4 @@
-"""The text classifier (METHOD.md §3): one column per class plus a background column.
+"""The text classifier (doc/method.md §3): one column per class plus a background column.
 
     t_c  = normalise(mean_s normalise(enc(sentence_s of class c)))
     t_bg = mean_c normalise(enc("the background of {c}."))       (not re-normalised by default)

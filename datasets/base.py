@@ -1,6 +1,7 @@
 """What every reader returns: labelled image lists and the class names."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +32,29 @@ class DatasetSplits:
     val: list[Datum]
     test: list[Datum]
     shift_sets: dict[str, ShiftSet] = field(default_factory=dict)
-    split_file: Path | None = None  # a split this project made (folder datasets), for the record
+    split_file: Path | None = None  # the file(s) that define the split, for the record
+    extra_split_files: list[Path] = field(default_factory=list)  # FGVC: one text file per split
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def split_record(self) -> dict | None:
+        """What a reader needs to confirm which split a run used: each split file's path and
+        SHA-256, and the sizes of the full splits (before the few-shot sample)."""
+        files = [f for f in [self.split_file, *self.extra_split_files] if f is not None]
+        if not files:
+            return None
+        return {"files": [{"path": str(f), "sha256": file_sha256(f)} for f in files],
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -131,4 +131,6 @@ def read_coop_dataset(name: str, root: str | Path) -> DatasetSplits:
         classnames = _labels_to_names(rows, str(split_path))
     image_root = root / layout.image_dir
     splits = {s: [Datum(str(image_root / p), label, c) for p, label, c in rows[s]] for s in SPLITS}
-    return DatasetSplits(name, root, classnames, list(layout.templates), **splits)
+    extra = [root / f"images_variant_{s}.txt" for s in SPLITS] if layout.reader == "fgvc" else []
+    return DatasetSplits(name, root, classnames, list(layout.templates), **splits, split_file=split_path,
+                         extra_split_files=extra)

@@ -61,6 +61,8 @@ def _made_splits(root: Path, fractions: list[float], seed: int) -> tuple[list[st
 def read_folder_dataset(root: str | Path, fractions: list[float], seed: int, cache_dir: str | Path,
                         templates: list[str] | None = None) -> DatasetSplits:
     root = Path(root)
+    if root.name in ("", ".", ".."):  # `--data_path .`: name the dataset after the folder itself
+        root = root.resolve()
     if not root.is_dir():
         raise RaftError(f"data_path {root} does not exist; a folder dataset is <data_path>/<class name>/*.jpg "
                         f"or <data_path>/{{train,val,test}}/<class name>/*.jpg")

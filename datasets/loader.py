@@ -1,4 +1,4 @@
-"""Image reading, transforms (METHOD.md §6) and data loaders."""
+"""Image reading, transforms (doc/method.md §6) and data loaders."""
 from __future__ import annotations
 
 import os

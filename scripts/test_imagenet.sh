@@ -4,8 +4,10 @@
 #   bash scripts/test_imagenet.sh output/imagenet/RN50_16shots_seed1/checkpoint.pt
 #   bash scripts/test_imagenet.sh CKPT --shift_sets "{imagenet_v2: data/imagenetv2}"
 #
-# Results go to results_eval.json in the run folder named by the config (dataset, backbone,
-# shots, seed); pass the same --shots/--seed as the training run.
+# Results go to results_eval.json next to the checkpoint. The training settings (shots, seed,
+# text options, val_per_class, ...) and the backbone come from the checkpoint, so the run's
+# own validation images choose alpha; evaluation settings (shift sets, alpha search, a fixed
+# --alpha, device) can be changed on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +16,4 @@ if [[ $# -lt 1 || "$1" == --* ]]; then
   exit 2
 fi
 ckpt="$1"; shift
-python main_imagenet.py --config configs/imagenet.yaml --eval-only --checkpoint "$ckpt" "$@"
+"${PYTHON:-python}" main_imagenet.py --config configs/imagenet.yaml --eval-only --checkpoint "$ckpt" "$@"

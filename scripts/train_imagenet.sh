@@ -4,7 +4,8 @@
 #   bash scripts/train_imagenet.sh                 # 16 shots, seed 1
 #   bash scripts/train_imagenet.sh "1 2 4 8 16" "1 2 3" --data_path /data/imagenet
 #
-# Batch size 128, and 64 at 1 shot, as the reference. The loop itself is scripts/sweep.sh.
+# Batch size 128, and 64 at 1 shot, as the reference (batch_size_by_shots in the config).
+# The loop itself is scripts/sweep.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 positional=()

@@ -7,7 +7,7 @@ import yaml
 from conftest import ROOT
 from utils import SCHEMA, RaftError, build_config, parse_args
 
-# METHOD.md §8: dataset -> (classes, batch, lambda2)
+# doc/method.md §8: dataset -> (classes, batch, lambda2)
 REFERENCE = {
     "imagenet": (1000, 128, 1.0), "sun397": (397, 128, 0.5), "caltech101": (100, 64, 0.5), "dtd": (47, 64, 0.5),
     "eurosat": (10, 64, 0.5), "fgvc": (100, 64, 0.5), "food101": (101, 64, 0.5), "oxford_flowers": (102, 64, 0.5),

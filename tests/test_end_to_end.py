@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT
 
-FAST = ["--train_epoch", "4", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0",
+# --name "": the plain run-folder name although these settings differ from the config file
+FAST = ["--name", "", "--train_epoch", "4", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0",
         "--lr", "3e-3", "--shots", "4"]
 
 

@@ -1,4 +1,4 @@
-"""Alpha search (METHOD.md §7): chosen on validation data, test labels never used to choose."""
+"""Alpha search (doc/method.md §7): chosen on validation data, test labels never used to choose."""
 import pytest
 import torch
 

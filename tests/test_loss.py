@@ -1,4 +1,4 @@
-"""Each loss term against a case small enough to check by hand (METHOD.md §4–§5)."""
+"""Each loss term against a case small enough to check by hand (doc/method.md §4–§5)."""
 import math
 
 import torch

@@ -1,4 +1,4 @@
-"""RegionAttentionPool: sizes, initialisation (METHOD.md §2), agreement with full attention."""
+"""RegionAttentionPool: sizes, initialisation (doc/method.md §2), agreement with full attention."""
 import pytest
 import torch
 from open_clip.modified_resnet import AttentionPool2d

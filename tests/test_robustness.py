@@ -11,55 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from utils import run_main
-
-CLASSES = ["red_circle", "blue_square", "green_triangle"]
-SPLIT = "split_zhou_DescribableTextures.json"
-
-
-@pytest.fixture()
-def dtd(demo_root, tmp_path):
-    """A 3-class dataset in dtd's CoOp layout (images/ + split json), built from demo images."""
-    root = tmp_path / "dtd"
-    split = {"train": [], "val": [], "test": []}
-    for label, name in enumerate(CLASSES):
-        (root / "images" / name).mkdir(parents=True)
-        sources = sorted((demo_root / "images" / name).glob("*.jpg"))
-        for split_name, count in (("train", 6), ("val", 2), ("test", 3)):
-            for _ in range(count):
-                src = sources.pop()
-                shutil.copy(src, root / "images" / name / src.name)
-                split[split_name].append([f"{name}/{src.name}", label, name.replace("_", " ")])
-    (root / SPLIT).write_text(json.dumps(split))
-    return root
-
-
-def args_for(root, tmp_path, *extra):
-    return ["--config", str(ROOT / "configs/dtd.yaml"), "--data_path", str(root), "--num_classes", "3",
-            "--backbone", "tiny-rn", "--weights", "null", "--calibrate_bn", "true", "--descriptions", "null",
-            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--train_epoch", "3",
-            "--warmup_epoch", "1", "--batch_size", "8", "--num_workers", "0", "--shots", "4", "--lr", "3e-3",
-            *extra]
-
-
-def cli(argv, capsys, entry="main"):
-    """Run an entry point in this process, as its command line would; (exit code, stdout, stderr)."""
-    module = __import__(entry)
-    code = run_main(module.main, argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_dir(tmp_path):
-    return tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1"
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2, err
-    assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
+from conftest import ROOT, SPLIT, args_for, cli, one_line_error, run_dir
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -1,4 +1,4 @@
-"""Per-iteration learning rate: linear warm-up from 0, cosine to min_lr (METHOD.md §6)."""
+"""Per-iteration learning rate: linear warm-up from 0, cosine to min_lr (doc/method.md §6)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Class sentences (descriptions vs templates) and the cached text classifier (METHOD.md §3)."""
+"""Class sentences (descriptions vs templates) and the cached text classifier (doc/method.md §3)."""
 import json
 
 import pytest

@@ -10,8 +10,9 @@ from PIL import Image
 from conftest import ROOT
 from utils import run_main
 
-FAST = ["--train_epoch", "6", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0", "--lr", "3e-3",
-        "--shots", "4"]
+# --name "": the plain run-folder name although these settings differ from the config file
+FAST = ["--name", "", "--train_epoch", "6", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0",
+        "--lr", "3e-3", "--shots", "4"]
 
 
 def cli(module_name, argv, capsys):

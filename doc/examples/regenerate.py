@@ -1,0 +1,140 @@
+"""Regenerate every example output the docs show, by running the documented commands.
+
+    python doc/examples/regenerate.py             # offline, CPU; about 10 minutes on 2 cores
+    python doc/examples/regenerate.py --keep W    # keep the work folder W (runs, caches)
+
+Runs in a fresh work folder (the demo data is generated there) and then
+- replaces the blocks between ``<!-- example:NAME -->`` and ``<!-- /example -->`` in README.md,
+  doc/summarize.md, doc/predict.md and doc/visualize.md with the new outputs;
+- rewrites doc/examples/summary.{md,csv,png} and doc/examples/attention/*.png.
+Numbers move when the code or the libraries change; run this instead of editing them by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "doc" / "examples"
+PY = sys.executable
+
+
+def sh(cmd: list[str], cwd: Path) -> tuple[str, float]:
+    """Run a command as a user would; its stdout and wall-clock seconds (stops on failure)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.perf_counter() - start
+
+
+def replace_block(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between the ``example:name`` markers of ``path``."""
+    doc = path.read_text()
+    pattern = re.compile(rf"(<!-- example:{re.escape(name)} -->\n)(.*?)(<!-- /example -->)", re.S)
+    if not pattern.search(doc):
+        sys.exit(f"{path} has no <!-- example:{name} --> block")
+    path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(3), doc))
+
+
+def final_line(stdout: str) -> str:
+    return [line for line in stdout.splitlines() if line.strip()][-1]
+
+
+def demo_run(work: Path) -> None:
+    """The README's quick start, timed from a fresh folder (the images are generated too)."""
+    out, seconds = sh([PY, str(ROOT / "main.py"), "--config", str(ROOT / "configs/demo.yaml")], work)
+    replace_block(ROOT / "README.md", "demo-line",
+                  f"What the demo prints at the end (measured on a {cpu_count()}-core CPU, {seconds:.0f} s "
+                  f"wall-clock including generating the images):\n\n```\n{final_line(out)}\n```")
+
+
+def demo_sweep(work: Path) -> Path:
+    """15 demo runs and their summary (doc/summarize.md)."""
+    common = ["--data_path", str(work / "data/demo"), "--output_dir", str(work / "output"),
+              "--cache_dir", str(work / "cache")]
+    sh(["bash", str(ROOT / "scripts/sweep.sh"), "demo", "1 2 4 8 16", "1 2 3", *common], work)
+    sh([PY, str(ROOT / "summarize.py"), "output/", "--out", str(EXAMPLES)], work)
+    replace_block(ROOT / "doc/summarize.md", "demo-summary",
+                  "\n".join((EXAMPLES / "summary.md").read_text().splitlines()[2:]))
+    return work / "output/demo/tiny-rn_16shots_seed1"
+
+
+def pick_images(run_dir: Path, work: Path) -> tuple[str, str]:
+    """One test image the run classifies correctly and one it misses."""
+    out, _ = sh([PY, str(ROOT / "predict.py"), str(run_dir.relative_to(work)), "data/demo/images", "--top-k", "1",
+                 "--json", "-"], work)
+    right = wrong = None
+    for p in json.loads(out)["predictions"]:
+        if "/test_" not in p["image"]:
+            continue
+        truth = Path(p["image"]).parent.name.replace("_", " ")
+        if p["top"][0]["class"] == truth:
+            right = right or p["image"]
+        else:
+            wrong = wrong or p["image"]
+    return right, wrong
+
+
+def predict_example(run_dir: Path, work: Path, images: tuple[str, str]) -> None:
+    rel = str(run_dir.relative_to(work))
+    out, _ = sh([PY, str(ROOT / "predict.py"), rel, *images, "--top-k", "3", "--json", "predictions.json"], work)
+    replace_block(ROOT / "doc/predict.md", "predict",
+                  f"```\n$ python predict.py {rel} {images[0]} \\\n      {images[1]} --top-k 3 "
+                  f"--json predictions.json\n{out.rstrip()}\n```")
+
+
+def visualize_example(run_dir: Path, work: Path, images: tuple[str, str]) -> None:
+    target = EXAMPLES / "attention"
+    shutil.rmtree(target, ignore_errors=True)
+    sh([PY, str(ROOT / "visualize.py"), str(run_dir.relative_to(work)), *images, "--out", str(target)], work)
+    sys.path.insert(0, str(ROOT))
+    from inference import attention_maps, load_images, load_run
+    run = load_run(run_dir, "cpu")
+    lines = []
+    for kind, image in zip(("classified correctly", "missed"), images):
+        png = target / f"{Path(image).stem}.png"
+        final = target / f"{Path(image).parent.name}_{'correct' if kind.endswith('correctly') else 'missed'}.png"
+        png.rename(final)
+        _, batch, _ = load_images(run, [work / image])
+        maps = attention_maps(run, batch)
+        peak = {k: 100 * float(v[0].max()) for k, v in maps.items()}
+        lines.append(f"![{Path(image).parent.name.replace('_', ' ')}, {kind}](examples/attention/{final.name})\n\n"
+                     f"{kind.capitalize()} ({image}): the class token's most-attended cell holds "
+                     f"{peak['class']:.0f}% of its attention, the background token's {peak['background']:.0f}%, "
+                     f"CLIP's pool's {peak['clip']:.0f}% (uniform would be {100 / maps['clip'][0].numel():.0f}%).\n")
+    replace_block(ROOT / "doc/visualize.md", "visualize", "\n".join(lines))
+
+
+def cpu_count() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", help="work folder to use and keep (default: a temporary one, removed)")
+    args = parser.parse_args()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="raft_examples_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        demo_run(work)
+        run_dir = demo_sweep(work)
+        images = pick_images(run_dir, work)
+        predict_example(run_dir, work, images)
+        visualize_example(run_dir, work, images)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("examples regenerated: README.md, doc/summarize.md, doc/predict.md, doc/visualize.md, doc/examples/")
+
+
+if __name__ == "__main__":
+    main()
