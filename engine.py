@@ -25,7 +25,8 @@ import torch
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.region_pool import RegionAttentionPool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
-from datasets import DatasetSplits, Datum, few_shot, save_list, validation_from_train
+from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
+                      saved_sample_differs, validation_from_train)
 from datasets.loader import eval_transform, make_loader
 from evaluation import collect_logits, evaluate
 from features import LiveSource, ViewSource, eval_store, live_batches
@@ -33,7 +34,8 @@ from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train
 from utils import (SCHEMA, Config, RaftError, check_outside_data, remove_temporaries, resolve_device, set_seed,
                    setup_logging, torch_load, torch_save, write_json, write_yaml)
 
-# 1: the pool, its config, class names and text classifier; 2: + the dataset it was trained on
+# 1: the pool, its config, class names and text classifier;
+# 2: + the dataset it was trained on and its few-shot sample's SHA-256
 CHECKPOINT_FORMAT = 2
 
 # Settings that shape what a trained pool computes, or which images it was trained on:
@@ -93,7 +95,7 @@ def run_dir_of(cfg: Config, dataset: str) -> Path:
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, data: DatasetSplits,
-                    text: torch.Tensor, train_seconds: float) -> None:
+                    text: torch.Tensor, train_seconds: float, fewshot_sha256: str) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
     text classifier (predict.py, visualize.py), the dataset it was trained on (evaluating it
     elsewhere is a transfer), and a re-estimated trunk's BatchNorm statistics."""
@@ -101,7 +103,8 @@ def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: Fr
     torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
                       "backbone": cfg.backbone, "dataset": data.name, "num_classes": data.num_classes,
                       "classnames": list(data.classnames), "text": text.detach().cpu(),
-                      "trunk_batchnorm": measured, "train_seconds": train_seconds})
+                      "trunk_batchnorm": measured, "train_seconds": train_seconds,
+                      "fewshot_sha256": fewshot_sha256})
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -239,6 +242,7 @@ def sample_images(cfg: Config, data: DatasetSplits, plan: RunPlan) -> ImageSets:
     if plan.transfer_from is not None:  # alpha comes from the source run: no target label chooses anything
         return ImageSets([], [], None)
     train = few_shot(data.train, cfg.shots, cfg.seed, data.num_classes)
+    check_same_sample(plan, train, data, cfg)
     val, source = data.val, "split"
     if not val and cfg.val_per_class > 0:
         val = validation_from_train(data.train, cfg.val_per_class, cfg.seed, data.classnames, {d.path for d in train})
@@ -246,6 +250,23 @@ def sample_images(cfg: Config, data: DatasetSplits, plan: RunPlan) -> ImageSets:
     plan.log.info(f"{data.name}: {data.num_classes} classes, few-shot train {len(train)} ({cfg.shots} shots), "
                   f"val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
     return ImageSets(train, val, source if val else None)
+
+
+def check_same_sample(plan: RunPlan, train: list[Datum], data: DatasetSplits, cfg: Config) -> None:
+    """A run resumed or evaluated must have been trained on the images this version samples
+    (the sample is part of what a run's settings determine). Runs of versions that visited
+    the classes in label order differ where a split file's train list is not in label order."""
+    if plan.ckpt is None and not (plan.state_path is not None and plan.state_path.is_file()):
+        return  # a fresh run writes its own list
+    stored = plan.ckpt.get("fewshot_sha256") if plan.ckpt is not None else None
+    differs = (stored != sample_digest(train, data.image_root or data.root) if stored
+               else saved_sample_differs(plan.run_dir / "fewshot.json", train, data.root))
+    if differs:
+        again = "rerun with --force" if plan.state_path is not None else "train it again (--force, without --eval-only)"
+        raise RaftError(f"{plan.run_dir} was trained on another few-shot sample than this version draws for "
+                        f"{data.name} {cfg.shots}-shot seed {cfg.seed} (a version before sampler {SAMPLER_VERSION}, "
+                        f"which visited the classes in label order: see doc/datasets.md); {again} to train on "
+                        f"the published code's sample")
 
 
 @dataclass
@@ -280,8 +301,8 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, images: ImageS
         log.info(f"loaded region pool from {plan.ckpt_path}")
         return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
     write_yaml(plan.run_dir / "config.yaml", dict(cfg))
-    save_list(plan.run_dir / "fewshot.json", images.train, data.root, dataset=data.name, shots=cfg.shots,
-              seed=cfg.seed)
+    save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
+              shots=cfg.shots, seed=cfg.seed)
     if images.val_source not in (None, "split"):
         save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
     set_seed(cfg.seed)
@@ -295,7 +316,8 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, images: ImageS
     prepare_seconds = time.perf_counter() - start
     stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]
-    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, data, model.text, train_seconds)
+    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, data, model.text, train_seconds,
+                    sample_digest(images.train, data.image_root or data.root))
     plan.state_path.unlink(missing_ok=True)
     log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
     return train_seconds

@@ -34,6 +34,7 @@ class DatasetSplits:
     shift_sets: dict[str, ShiftSet] = field(default_factory=dict)
     split_file: Path | None = None  # the file(s) that define the split, for the record
     extra_split_files: list[Path] = field(default_factory=list)  # FGVC: one text file per split
+    image_root: Path | None = None  # the folder the split file's paths are relative to (default: root)
 
     @property
     def num_classes(self) -> int:

@@ -133,4 +133,4 @@ def read_coop_dataset(name: str, root: str | Path) -> DatasetSplits:
     splits = {s: [Datum(str(image_root / p), label, c) for p, label, c in rows[s]] for s in SPLITS}
     extra = [root / f"images_variant_{s}.txt" for s in SPLITS] if layout.reader == "fgvc" else []
     return DatasetSplits(name, root, classnames, list(layout.templates), **splits, split_file=split_path,
-                         extra_split_files=extra)
+                         extra_split_files=extra, image_root=image_root)

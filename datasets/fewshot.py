@@ -1,33 +1,41 @@
-"""Seeded per-class sampling: the few-shot training set, and ImageNet's validation set.
+"""Seeded per-class sampling: the few-shot training set, and a validation set drawn from train.
 
-The sample is a function of (items in split order, n, seed) alone: Python's ``random``
-with an integer or string seed is the same on every machine.
+The few-shot sample follows the published code's sampler (the Dassl ``generate_fewshot_dataset``
+that CoOp, Tip-Adapter, CaFo and RAFT share): Python's ``random`` seeded with the run's seed,
+classes visited in the order they first appear in the split's train list, ``random.sample``
+of ``shots`` items per class (``random.choices`` when a class has fewer). So seed 1 trains on
+the same images as those codebases. The sample is a function of (train list in split-file
+order, shots, seed) alone: ``random`` with an integer seed is the same on every machine.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
-from collections import defaultdict
 from pathlib import Path
 
 from utils import RaftError, write_json
 
 from .base import Datum
 
+# 1: classes in label order (versions before the published order was matched);
+# 2: classes in order of first appearance in the train list, as the published code.
+SAMPLER_VERSION = 2
 
-def sample_per_class(items: list[Datum], n: int, seed: int | str, num_classes: int,
-                     exclude: set[str] = frozenset()) -> list[Datum]:
-    """``n`` items per class, without replacement unless a class has fewer than ``n``."""
+
+def sample_per_class(items: list[Datum], n: int, seed: int | str, num_classes: int) -> list[Datum]:
+    """``n`` items per class, without replacement unless a class has fewer than ``n``; classes
+    in the order they first appear in ``items``."""
     rng = random.Random(seed)
-    by_class: dict[int, list[Datum]] = defaultdict(list)
+    by_class: dict[int, list[Datum]] = {}
     for d in items:
-        if d.path not in exclude:
-            by_class[d.label].append(d)
+        by_class.setdefault(d.label, []).append(d)   # insertion order: first appearance
+    missing = [label for label in range(num_classes) if label not in by_class]
+    if missing:
+        raise RaftError(f"class {missing[0]} has no training images to sample from")
     out: list[Datum] = []
-    for label in range(num_classes):
-        pool = by_class.get(label, [])
-        if not pool:
-            raise RaftError(f"class {label} has no training images to sample from")
+    for pool in by_class.values():
         out.extend(rng.sample(pool, n) if len(pool) >= n else rng.choices(pool, k=n))
     return out
 
@@ -42,10 +50,10 @@ def validation_from_train(train: list[Datum], per_class: int, seed: int, classna
     not in the few-shot set, drawn without replacement (a class with fewer gives all it has:
     a repeated image would count twice in the choice of alpha)."""
     rng = random.Random(f"val:{seed}")
-    by_class: dict[int, list[Datum]] = defaultdict(list)
+    by_class: dict[int, list[Datum]] = {}
     for d in train:
         if d.path not in taken:
-            by_class[d.label].append(d)
+            by_class.setdefault(d.label, []).append(d)
     out: list[Datum] = []
     for label, name in enumerate(classnames):
         pool = by_class.get(label, [])
@@ -57,7 +65,31 @@ def validation_from_train(train: list[Datum], per_class: int, seed: int, classna
     return out
 
 
-def save_list(path: str | Path, items: list[Datum], root: str | Path, **meta) -> None:
-    """Save a sampled list (paths relative to the dataset root) so a run can be audited and repeated."""
-    rows = [[os.path.relpath(d.path, root), d.label, d.classname] for d in items]
-    write_json(path, {**meta, "root": str(root), "items": rows})
+def relative_paths(items: list[Datum], root: str | Path) -> list[str]:
+    return [os.path.relpath(d.path, root) for d in items]
+
+
+def sample_digest(items: list[Datum], image_root: str | Path) -> str:
+    """SHA-256 of the sampled paths as the split file writes them (relative to the image
+    folder), joined with newlines, in sampling order: names a sample independently of where
+    the dataset lives, comparably with the published sampler's lists."""
+    return hashlib.sha256("\n".join(relative_paths(items, image_root)).encode()).hexdigest()
+
+
+def save_list(path: str | Path, items: list[Datum], root: str | Path, image_root: str | Path | None = None,
+              **meta) -> None:
+    """Save a sampled list (paths relative to the dataset root, in sampling order) so a run can
+    be audited and repeated; ``sha256`` is ``sample_digest`` of it."""
+    rows = [[rel, d.label, d.classname] for rel, d in zip(relative_paths(items, root), items)]
+    write_json(path, {**meta, "root": str(root), "sampler": SAMPLER_VERSION,
+                      "sha256": sample_digest(items, image_root or root), "items": rows})
+
+
+def saved_sample_differs(path: Path, items: list[Datum], root: str | Path) -> bool:
+    """Whether the list saved at ``path`` (fewshot.json) holds other images, or another order,
+    than ``items``; False when there is no saved list to compare with."""
+    try:
+        saved = [row[0] for row in json.loads(path.read_text())["items"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return saved != relative_paths(items, root)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_fixture
-from datasets import LAYOUTS, few_shot, read_coop_dataset, read_imagenet, read_shift_set, sample_per_class
+from datasets import LAYOUTS, few_shot, read_coop_dataset, read_imagenet, read_shift_set, validation_from_train
 from datasets.base import Datum
 from utils import RaftError
 
@@ -99,7 +99,7 @@ def test_few_shot_sampling_is_seeded_per_class_and_replaces_only_when_short():
 def test_validation_from_train_excludes_the_few_shot_set():
     items = make_items([30, 30])
     shots = few_shot(items, 8, seed=1, num_classes=2)
-    val = sample_per_class(items, 10, "val:1", 2, exclude={d.path for d in shots})
+    val = validation_from_train(items, 10, 1, ["class0", "class1"], taken={d.path for d in shots})
     assert len(val) == 20 and not {d.path for d in val} & {d.path for d in shots}
 
 
