@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
-from clip.region_pool import RegionAttentionPool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
                       saved_sample_differs, validation_from_train)
@@ -94,7 +93,7 @@ def run_dir_of(cfg: Config, dataset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, pool: RegionAttentionPool, cfg: Config, clip: FrozenCLIP, data: DatasetSplits,
+def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, data: DatasetSplits,
                     text: torch.Tensor, train_seconds: float, fewshot_sha256: str) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
     text classifier (predict.py, visualize.py), the dataset it was trained on (evaluating it
@@ -160,7 +159,7 @@ def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfe
     return Config(dict(cfg) | changed)
 
 
-def load_pool_state(pool: RegionAttentionPool, ckpt: dict, path: Path) -> None:
+def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
     try:
         pool.load_state_dict(ckpt["pool"])
     except RuntimeError as exc:
@@ -273,7 +272,7 @@ def check_same_sample(plan: RunPlan, train: list[Datum], data: DatasetSplits, cf
 class Model:
     clip: FrozenCLIP
     text: torch.Tensor           # D × (C+1): class columns, then the background column
-    pool: RegionAttentionPool
+    pool: torch.nn.Module        # RegionAttentionPool (ResNet) or ViTRegionPool
 
 
 def build_model(cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan, device: torch.device) -> Model:
@@ -285,10 +284,11 @@ def build_model(cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPl
     elif cfg.calibrate_bn:
         calibrate_on(clip, images.train, cfg, device, log)
     text = build_text(clip, data, cfg, log).to(device)
-    pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls).to(device)
-    log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): feature map {clip.feature_channels}×"
-             f"{clip.grid}×{clip.grid}, embedding {clip.embed_dim}, {pool.num_heads} heads, "
-             f"{sum(p.numel() for p in pool.parameters()):,} trainable parameters")
+    pool = clip.region_pool(cfg.mask_bg_in_cls).to(device)
+    log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): {clip.spec.what} "
+             f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding {clip.embed_dim}, "
+             f"{pool.num_heads} heads, {sum(p.numel() for p in pool.parameters() if p.requires_grad):,} "
+             f"trainable parameters")
     return Model(clip, text, pool)
 
 
@@ -427,6 +427,8 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     cfg, log = plan.cfg, plan.log
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}")
     if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
         raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
@@ -469,4 +471,7 @@ def calibrate_on(clip: FrozenCLIP, items, cfg: Config, device: torch.device, log
                 raise RaftError(f"unreadable training image {failures[0]}")
             yield images.to(device)
 
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in clip.model.visual.modules()):
+        log.info(f"calibrate_bn: {clip.backbone} has no BatchNorm (LayerNorm needs no statistics): nothing to do")
+        return
     log.info(f"BatchNorm statistics re-estimated on {calibrate_batchnorm(clip, batches())} training images")

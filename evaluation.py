@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip.region_pool import RegionAttentionPool
 from loss import cosine_logits
 from utils import Config, RaftError, autocast
 
@@ -27,7 +26,7 @@ class SplitLogits(NamedTuple):
 
 
 @torch.no_grad()
-def collect_logits(pool: RegionAttentionPool, text: torch.Tensor, batches, device: torch.device, amp: bool,
+def collect_logits(pool: torch.nn.Module, text: torch.Tensor, batches, device: torch.device, amp: bool,
                    desc: str, scale: float = 100.0) -> SplitLogits:
     """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split, from
     ``(feature map, v0, labels)`` batches."""

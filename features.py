@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -29,14 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.base import Datum
-from datasets.loader import CLIP_MEAN, CLIP_STD, UnreadableImage, eval_transform, make_loader, read_rgb
-from utils import RaftError, autocast, sha256_text
+from datasets.augment import CROP_RATIO, CROP_SCALE, augment, crop_params, prepare_batch  # noqa: F401 (re-exported)
+from datasets.loader import UnreadableImage, eval_transform, make_loader, read_rgb
+from utils import RaftError, autocast, background, resolve_workers, sha256_text
 
 log = logging.getLogger("raft")
 
 CACHE_VERSION = 1
-CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of doc/method.md §6
-CROP_RATIO = (3 / 4, 4 / 3)
 # The smallest crop side is sqrt(0.8 · 3/4) ≈ 0.775 of the image's shorter side: images kept
 # with a shorter side of size / 0.77 are never upsampled by any crop, as with the original.
 DECODE_MARGIN = 0.77
@@ -90,22 +90,39 @@ class FeatureStore:
 
     def batches(self, batch_size: int, device: torch.device, order: torch.Tensor | None = None,
                 offset: int = 0, count: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Rows ``offset + order`` (or all, in order) as float tensors on ``device``."""
+        """Rows ``offset + order`` (or all, in order) as float tensors on ``device``. A background
+        thread reads the next batches from the memory maps (into pinned memory for a GPU) while
+        the current one is used."""
         count = len(self) - offset if count is None else count
         index = torch.arange(count) if order is None else order
-        for start in range(0, count, batch_size):
-            rows = index[start:start + batch_size].numpy() + offset
-            if order is None:  # contiguous slice: one read
-                maps = self.maps[rows[0]:rows[-1] + 1]
-                pooled = self.pooled[rows[0]:rows[-1] + 1]
-            else:
-                maps, pooled = self.maps[np.sort(rows)], self.pooled[np.sort(rows)]
-                back = np.argsort(np.argsort(rows))  # restore the requested order
-                maps, pooled = maps[back], pooled[back]
-            # np.require copies read-only memory-mapped slices into ordinary (writable) arrays
-            fmap = torch.from_numpy(np.require(maps, requirements=["C", "W"])).to(device, non_blocking=True).float()
-            v0 = torch.from_numpy(np.require(pooled, requirements=["C", "W"])).to(device, non_blocking=True)
-            yield fmap, v0, self.labels[torch.from_numpy(rows)].to(device, non_blocking=True)
+        pin = device.type == "cuda"
+
+        def read():
+            for start in range(0, count, batch_size):
+                rows = index[start:start + batch_size].numpy() + offset
+                yield (self._rows(self.maps, rows, order is None, pin), self._rows(self.pooled, rows, order is None, pin),
+                       self.labels[torch.from_numpy(rows)])
+
+        feed = iter(background(read(), depth=2))
+        try:
+            for fmap, v0, labels in feed:
+                yield (fmap.to(device, non_blocking=True).float(), v0.to(device, non_blocking=True),
+                       labels.to(device, non_blocking=True))
+        finally:
+            feed.close()
+
+    @staticmethod
+    def _rows(array: np.ndarray, rows: np.ndarray, contiguous: bool, pin: bool) -> torch.Tensor:
+        """``array[rows]`` as a (pinned) tensor: one slice read when the rows are consecutive,
+        else the rows in ascending order (kinder to the disk), put back in the asked order."""
+        dtype = torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, pin_memory=pin)
+        if contiguous:
+            out.numpy()[:] = array[rows[0]:rows[-1] + 1]
+        else:
+            ascending = np.argsort(rows)
+            out.numpy()[ascending] = array[rows[ascending]]
+        return out
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -134,8 +151,21 @@ def allocated_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
     return array
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy, made asynchronously into pinned memory when ``tensor`` is on a GPU."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+    return host.copy_(tensor, non_blocking=True)
+
+
 class StoreWriter:
-    """Fills a new store folder in a temporary sibling, then renames it into place."""
+    """Fills a new store folder in a temporary sibling, then renames it into place.
+
+    ``write`` does the device's part at once — the float16 conversion, the finiteness check
+    (kept on the device: no sync per batch), an asynchronous copy to pinned host memory — and
+    leaves the write into the memory maps to a background thread, so that the device computes
+    the next batch meanwhile."""
 
     def __init__(self, final: Path, rows: int, map_shape: tuple, pooled_dim: int, dtype: np.dtype):
         self.final = final
@@ -145,7 +175,12 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.dtype = dtype
+        self.torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
         self.rows = 0
+        self.finite: torch.Tensor | None = None   # on the device: every value so far fits the dtype
+        self.from_half = False                     # the trunk itself returned float16 (mixed precision)
+        self.pending: list[Future] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         try:
             self.maps = allocated_memmap(self.tmp / "maps.npy", dtype, (rows, *map_shape))
             self.pooled = allocated_memmap(self.tmp / "pooled.npy", np.float32, (rows, pooled_dim))
@@ -154,22 +189,42 @@ class StoreWriter:
             raise
         self.labels = np.zeros(rows, dtype=np.int64)
 
-    def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Append a batch; False when float32 maps do not fit float16 storage (retry as float32)."""
-        if fmap.dtype != torch.float32 and not torch.isfinite(fmap).all():
-            # mixed precision: the trunk itself overflowed float16, storing float32 cannot help
-            raise RaftError(f"the frozen trunk's features overflow float16 under mixed precision (amp): "
-                            f"rerun with --amp false")
-        with np.errstate(over="ignore"):  # overflow is detected just below
-            maps = fmap.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
-        if not np.isfinite(maps).all():
-            return False
-        row, n = self.rows, len(maps)
+    def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append a batch (see the class)."""
+        maps = fmap.detach().to(self.torch_dtype)
+        fits = torch.isfinite(maps).all()
+        self.finite = fits if self.finite is None else self.finite & fits
+        self.from_half |= fmap.dtype != torch.float32
+        host = (to_host(maps), to_host(v0.detach().float()), to_host(labels))
+        ready = None
+        if fmap.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        row, self.rows = self.rows, self.rows + len(maps)
+        while len(self.pending) >= 2:  # at most two batches in flight: bounded pinned memory
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._store, row, host, ready))
+
+    def _store(self, row: int, host: tuple, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        maps, v0, labels = (t.numpy() for t in host)
+        n = len(maps)
         self.maps[row:row + n] = maps
-        self.pooled[row:row + n] = v0.detach().to("cpu", torch.float32).numpy()
-        self.labels[row:row + n] = labels.cpu().numpy()
-        self.rows += n
-        return True
+        self.pooled[row:row + n] = v0
+        self.labels[row:row + n] = labels
+
+    def finish(self) -> bool:
+        """Wait for the writes; False when float32 maps did not fit float16 (store float32 instead)."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+        if self.finite is None or bool(self.finite):
+            return True
+        if self.from_half:  # mixed precision: the trunk itself overflowed float16, float32 storage cannot help
+            raise RaftError("the frozen trunk's features overflow float16 under mixed precision (amp): "
+                            "rerun with --amp false")
+        return False
 
     def commit(self, manifest: dict) -> FeatureStore:
         self.maps.flush()
@@ -183,9 +238,13 @@ class StoreWriter:
         if self.final.exists():  # stale or half-written leftover under the same name
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
+        self.pool.shutdown()
         return FeatureStore(self.final)
 
     def abort(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -193,19 +252,17 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
     """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
     images it could not read to ``skipped``) into a store; float16 maps unless a value
     overflows float16, then float32."""
-    map_shape = (clip.feature_channels, clip.grid, clip.grid)
+    map_shape = tuple(clip.feature_shape)
     for dtype in (np.float16, np.float32):
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype))
         try:
-            fits, skipped = True, []
+            skipped = []
             for fmap, v0, labels in tqdm(batches(skipped), desc=desc, leave=False, dynamic_ncols=True,
                                          disable=None):
-                if not writer.write(fmap, v0, labels):
-                    fits = False
-                    break
-            if fits:
-                return writer.commit({**manifest, "skipped": skipped})
-            log.info(f"{desc}: feature maps overflow float16, storing float32")
+                writer.write(fmap, v0, labels)
+            if writer.finish():
+                return writer.commit({**manifest, "skipped": skipped, "family": clip.family})
+            log.info(f"{desc}: trunk features overflow float16, storing float32")
         except BaseException:
             writer.abort()
             raise
@@ -231,7 +288,7 @@ def live_batches(clip, items: list[Datum], transform, batch_size: int, num_worke
             continue
         with autocast(device, amp):
             fmap, v0 = clip.encode_image(images.to(device, non_blocking=True))
-        yield fmap, v0, labels.to(device)
+        yield fmap, v0, labels.to(device, non_blocking=True)
 
 
 def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch_size: int,
@@ -292,7 +349,8 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list
     """Decode every training image once, up front: an unreadable one stops the run before
     training starts, naming the file(s)."""
     side = math.ceil(image_size / DECODE_MARGIN)
-    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=num_workers, collate_fn=as_list)
+    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=resolve_workers(num_workers),
+                        collate_fn=as_list)
     decoded = [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
     bad = [x for x in decoded if isinstance(x, str)]
     if bad:
@@ -301,78 +359,65 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list
     return [torch.from_numpy(img).permute(2, 0, 1) for img in decoded]
 
 
-def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's sampling (scale 0.8–1, ratio 3/4–4/3, 10 tries, else a centre crop)."""
-    area = height * width
-    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(*CROP_SCALE, generator=gen).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=gen).item())
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
-            left = torch.randint(0, width - w + 1, (1,), generator=gen).item()
-            return top, left, h, w
-    ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
-    elif ratio > CROP_RATIO[1]:
-        h, w = height, round(height * CROP_RATIO[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def augment(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """doc/method.md §6's training transform on decoded images: random resized crop (bicubic,
-    antialiased), horizontal flip, CLIP normalisation — on ``device``."""
-    out = torch.empty(len(images), 3, size, size, device=device)
-    flips = torch.rand(len(images), generator=gen) < 0.5
-    for i, img in enumerate(images):
-        top, left, h, w = crop_params(img.shape[1], img.shape[2], gen)
-        crop = img[:, top:top + h, left:left + w].to(device, non_blocking=True).float().unsqueeze(0)
-        crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        out[i] = crop[0].flip(-1) if flips[i] else crop[0]
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
-    return (out.clamp_(0, 255) - mean) / std
-
-
 class LiveSource:
-    """Faithful training batches: a fresh augmentation of every image each epoch, trunk on the fly."""
+    """Faithful training batches: a fresh augmentation of every image each epoch, trunk on the fly.
+
+    The host's part of a batch (drawing its crops, gathering them into pinned memory) runs in a
+    background thread one or two batches ahead, while the device trains on the current one;
+    the device's part (resizing, the trunk) stays in the training thread. The augmentation
+    generator's state is recorded after each batch, so a resumed run draws what an
+    uninterrupted one would although the thread had drawn ahead."""
 
     def __init__(self, clip, items: list[Datum], batch_size: int, seed: int, device: torch.device, amp: bool,
-                 num_workers: int):
+                 num_workers: int | str):
         self.clip, self.batch_size, self.device, self.amp = clip, batch_size, device, amp
         self.images = decode_images(items, clip.image_size, num_workers)
         self.labels = torch.tensor([d.label for d in items])
         self.order_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
+        self.aug_state: torch.Tensor | None = None   # the generator after the last batch handed out
         self.order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def state_dict(self) -> dict:
-        return {"order_gen": self.order_gen.get_state(), "aug_gen": self.aug_gen.get_state(), "order": self.order}
+        aug = self.aug_state if self.aug_state is not None else self.aug_gen.get_state()
+        return {"order_gen": self.order_gen.get_state(), "aug_gen": aug, "order": self.order}
 
     def load_state_dict(self, state: dict) -> None:
         self.order_gen.set_state(state["order_gen"])
         self.aug_gen.set_state(state["aug_gen"])
+        self.aug_state = None
         self.order = state["order"]
 
     def epoch(self, epoch: int, start: int = 0):
         """Batches of the epoch from batch ``start`` on (start > 0: resuming inside an epoch)."""
         if start == 0:
             self.order = torch.randperm(len(self.labels), generator=self.order_gen)
-        order = self.order
-        for first in range(start * self.batch_size, len(order), self.batch_size):
-            idx = order[first:first + self.batch_size]
-            images = augment([self.images[i] for i in idx], self.clip.image_size, self.aug_gen, self.device)
-            with autocast(self.device, self.amp):
-                fmap, v0 = self.clip.encode_image(images)
-            yield fmap, v0, self.labels[idx].to(self.device)
+        chunks = [self.order[i:i + self.batch_size] for i in range(start * self.batch_size, len(self.order),
+                                                                    self.batch_size)]
+        pin = self.device.type == "cuda"
+
+        def host_work():  # in the background thread: the generator's calls, in batch order
+            for idx in chunks:
+                batch = prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen,
+                                      self.device)
+                labels = self.labels[idx]
+                yield batch, (labels.pin_memory() if pin else labels), self.aug_gen.get_state()
+
+        feed = iter(background(host_work(), depth=2))
+        try:
+            for batch, labels, state in feed:
+                images = batch.finish(self.device, self.amp)
+                with autocast(self.device, self.amp):
+                    fmap, v0 = self.clip.encode_image(images)
+                self.aug_state = state
+                yield fmap, v0, labels.to(self.device, non_blocking=True)
+        finally:
+            feed.close()  # stops the thread; a later epoch draws from where the last batch left off
+            if self.aug_state is not None:
+                self.aug_gen.set_state(self.aug_state)
 
 
 class ViewSource:
@@ -398,7 +443,7 @@ class ViewSource:
             def batches(skipped):
                 for _ in range(views):  # each pass draws new crops from gen
                     for s in range(0, len(images), batch_size):
-                        batch = augment(images[s:s + batch_size], clip.image_size, gen, device)
+                        batch = augment(images[s:s + batch_size], clip.image_size, gen, device, amp)
                         with autocast(device, amp):
                             fmap, v0 = clip.encode_image(batch)
                         yield fmap, v0, labels[s:s + batch_size]

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from clip.backbone import FrozenCLIP, load_open_clip, restore_batchnorm
-from clip.region_pool import RegionAttentionPool, clip_pool_attention
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
 from loss import cosine_logits
@@ -25,7 +24,7 @@ class TrainedRun:
     run_dir: Path
     config: Config
     clip: FrozenCLIP
-    pool: RegionAttentionPool
+    pool: torch.nn.Module       # the trained region pool (ResNet or ViT)
     text: torch.Tensor          # D × (C+1): class columns, then the background column
     classnames: list[str]
     alpha: float
@@ -73,7 +72,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
         restore_batchnorm(clip, ckpt["trunk_batchnorm"])
     clip = clip.to(dev)
-    pool = RegionAttentionPool(clip.attnpool, cfg.mask_bg_in_cls)
+    pool = clip.region_pool(cfg.mask_bg_in_cls)
     pool.load_state_dict(ckpt["pool"])
     return TrainedRun(run_dir, cfg, clip, pool.to(dev).eval(), ckpt["text"].to(dev), list(ckpt["classnames"]),
                       alpha, source, dev)
@@ -122,13 +121,13 @@ def class_probabilities(run: TrainedRun, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_maps(run: TrainedRun, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Where each summary token attends, averaged over heads, as a probability distribution
-    over the H×W grid (the weight on the summary tokens themselves is left out and the
-    rest renormalised): the class token, the background token, and CLIP's own pool."""
-    fmap, _ = run.clip.encode_image(images)
-    b, _, h, w = fmap.shape
-    _, weights = run.pool.attention(fmap)                          # B, heads, 2, HW+2
+    over the H×W grid (the feature map's cells, or a ViT's patches; the weight on the summary
+    tokens themselves is left out and the rest renormalised): the class token, the background
+    token, and CLIP's own class query (its attention pool, or its last block)."""
+    features, _ = run.clip.encode_image(images)
+    b, side = features.shape[0], run.clip.grid
+    _, weights = run.pool.attention(features)                      # B, heads, 2, HW+2
     grid = weights[..., 2:].mean(1)                                # B, 2, HW
-    _, clip_weights = clip_pool_attention(run.clip.attnpool, fmap)  # B, heads, 1, HW+1
-    clip_grid = clip_weights[..., 1:].mean(1)[:, 0]                # B, HW
+    clip_grid = run.clip.clip_attention(features)[..., 1:].mean(1)[:, 0]   # B, HW
     maps = {"class": grid[:, 0], "background": grid[:, 1], "clip": clip_grid}
-    return {k: (v / v.sum(-1, keepdim=True)).view(b, h, w).float().cpu() for k, v in maps.items()}
+    return {k: (v / v.sum(-1, keepdim=True)).view(b, side, side).float().cpu() for k, v in maps.items()}

@@ -124,6 +124,43 @@ def csv_text(table: dict, group: str) -> str:
     return buf.getvalue()
 
 
+def combined_markdown(tables: dict[str, dict], backbones: dict[str, str]) -> str:
+    """One table for every backbone and setting: RAFT rows (and zero-shot) side by side."""
+    datasets = ordered((d for t in tables.values() for d in t["datasets"]), DATASET_ORDER)
+    lines = ["### RAFT across backbones and settings", "",
+             "| backbone | setting | shots | " + " | ".join(datasets) + " | Average |",
+             "|---|---|---|" + "---|" * (len(datasets) + 1)]
+
+    def average(cells: list) -> str:  # only over a complete row
+        return fmt_mean(statistics.fmean(c[0] for c in cells) if len(cells) == len(datasets) else None)
+
+    for group, t in sorted(tables.items()):
+        setting = group[len(backbones[group]):].lstrip("_") or "–"
+        zero = [t["zero"][d] for d in datasets if d in t["zero"]]
+        lines.append(f"| {backbones[group]} | {setting} | zero-shot | "
+                     + " | ".join(fmt(t["zero"].get(d)) for d in datasets) + f" | {average(zero)} |")
+        for shots in t["shots"]:
+            cells = [t["cells"][(shots, d)] for d in datasets if (shots, d) in t["cells"]]
+            lines.append(f"| {backbones[group]} | {setting} | {shots} | "
+                         + " | ".join(fmt(t["cells"].get((shots, d))) for d in datasets) + f" | {average(cells)} |")
+    lines += ["", "Test top-1 accuracy (%), mean ± std over seeds; – : no run."]
+    return "\n".join(lines) + "\n"
+
+
+def combined_csv(tables: dict[str, dict], backbones: dict[str, str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["backbone", "group", "dataset", "shots", "runs", "mean", "std"])
+    for group, t in sorted(tables.items()):
+        for (shots, dataset), (mean, std, n) in sorted(t["cells"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            writer.writerow([backbones[group], group, dataset, shots, n, f"{mean:.4f}",
+                             "" if std is None else f"{std:.4f}"])
+        for dataset, (mean, std, n) in sorted(t["zero"].items()):
+            writer.writerow([backbones[group], group, dataset, "zero-shot", n, f"{mean:.4f}",
+                             "" if std is None else f"{std:.4f}"])
+    return buf.getvalue()
+
+
 def shift_table(rows: list[dict]) -> dict | None:
     """ImageNet and its shift sets per shot count (and zero-shot CLIP), mean ± std over seeds,
     and the average over the variants (given only when a row has all of them)."""
@@ -226,9 +263,17 @@ def main(argv: list[str] | None = None):
         raise RaftError(f"no results.json under {root}")
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
+    tables = {group: build_table(rows) for group, rows in groups.items()}
+    if len(groups) > 1:  # backbones (and settings) side by side, the backbone as a column
+        backbones = {group: rows[0]["backbone"] for group, rows in groups.items()}
+        md = combined_markdown(tables, backbones)
+        write_text(out / "summary_all.md", md)
+        write_text(out / "summary_all.csv", combined_csv(tables, backbones))
+        print(md)
+        print(f"written to {out}: summary_all.md, summary_all.csv\n")
     for group, rows in sorted(groups.items()):
         suffix = "" if len(groups) == 1 else f"_{group}"
-        table = build_table(rows)
+        table = tables[group]
         md = markdown(table, f"RAFT, {group}: {len(rows)} runs")
         written = [f"summary{suffix}.md", f"summary{suffix}.csv"]
         write_text(out / f"summary{suffix}.csv", csv_text(table, group))

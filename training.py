@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clip.region_pool import RegionAttentionPool
 from loss import cosine_logits, raft_loss
 from utils import SCHEMA, Config, RaftError, autocast, torch_load, torch_save
 
@@ -107,6 +106,49 @@ class StopRequest:
         return False
 
 
+class EpochTally:
+    """What an epoch adds up, kept on the device so that no step waits for the host: the
+    loss terms weighted by batch size, correct predictions, images seen, and the first step
+    whose loss was not finite (with its terms). Read once per epoch, or at a save."""
+
+    TERMS = ("loss", "cls", "bg", "l1", "sep")
+
+    def __init__(self, device: torch.device, progress: dict):
+        dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        sums = progress["sums"]
+        self.sums = torch.tensor([*(sums[k] for k in self.TERMS), progress["correct"], progress["seen"]],
+                                 dtype=dtype, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(len(self.TERMS), dtype=dtype, device=device)
+
+    def add(self, step: int, loss: torch.Tensor, terms: dict, correct: torch.Tensor, n: int) -> None:
+        values = torch.stack([loss.detach(), *(terms[k].detach() for k in self.TERMS[1:])]).to(self.sums.dtype)
+        self.sums += torch.cat([values * n, correct.to(self.sums.dtype).view(1), values.new_full((1,), n)])
+        first = ~torch.isfinite(values[0]) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_values = torch.where(first, values, self.bad_values)
+
+    def into(self, progress: dict) -> None:
+        """Copy the sums into the (saved, resumable) progress record: one host sync."""
+        values = self.sums.tolist()
+        progress["sums"] = dict(zip(self.TERMS, values[:len(self.TERMS)]))
+        progress["correct"], progress["seen"] = int(values[-2]), int(values[-1])
+
+    def mean_loss(self) -> float:
+        return (self.sums[0] / self.sums[-1].clamp_min(1)).item()
+
+    def check_finite(self, per_epoch: int, state_path: Path | None) -> None:
+        """Stop, naming the step, if any loss so far was NaN or infinite."""
+        step = int(self.bad_step.item())
+        if step < 0:
+            return
+        values = dict(zip(self.TERMS, self.bad_values.tolist()))
+        kept = f"; the last good state is {state_path}" if state_path and state_path.is_file() else ""
+        terms = {k: round(v, 4) for k, v in values.items() if k != "loss"}
+        raise RaftError(f"loss became {values['loss']} at epoch {step // per_epoch + 1}, step {step} "
+                        f"(terms: {terms}): try a lower lr, or --amp false{kept}")
+
+
 def load_state(path: Path, cfg: Config) -> dict | None:
     """The saved training state, checked against this run's settings; None when there is none."""
     if not path.is_file():
@@ -121,7 +163,7 @@ def load_state(path: Path, cfg: Config) -> dict | None:
     return state
 
 
-def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Config, device: torch.device, log,
+def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, device: torch.device, log,
                state_path: Path | None = None) -> dict:
     """AdamW over the region pool only, learning rate set per iteration (doc/method.md §6).
 
@@ -130,7 +172,7 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
     With ``state_path`` the run resumes from, and saves to, that file.
     """
     use_amp = cfg.amp and device.type == "cuda"
-    optimizer = adamw(list(pool.parameters()), cfg)
+    optimizer = adamw([p for p in pool.parameters() if p.requires_grad], cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
@@ -149,6 +191,8 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
     def save(reason: str) -> None:
         if state_path is None:
             return
+        tally.check_finite(per_epoch, state_path)   # never save a state that has seen a NaN
+        tally.into(progress)
         torch_save(state_path, {"format": STATE_FORMAT, "config": dict(cfg), "pool": pool.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                 "source": source.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -158,13 +202,14 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
     pool.train()
     last_save = time.monotonic()
     clock = time.perf_counter()
+    tally = EpochTally(device, progress)
     with StopRequest() as stop:
         while progress["epoch"] <= cfg.train_epoch:
             epoch = progress["epoch"]
-            sums = progress["sums"]
             bar = tqdm(source.epoch(epoch, start=progress["position"]), total=per_epoch,
                        initial=progress["position"], desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False,
                        dynamic_ncols=True, disable=None)
+            shown = time.monotonic()
             for fmap, v0, labels in bar:
                 lr = lr_at(progress["step"], total, warmup, cfg.lr, cfg.min_lr)
                 for group in optimizer.param_groups:
@@ -173,28 +218,24 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
                     v_cls, v_bg = pool(fmap)
                 loss, terms = raft_loss(v_cls, v_bg, v0, text, labels, tau1=cfg.tau1, tau2=cfg.tau2,
                                         lambda1=cfg.lambda1, lambda2=cfg.lambda2, scale=cfg.logit_scale)
-                if not torch.isfinite(loss):
-                    kept = f"; the last good state is {state_path}" if state_path and state_path.is_file() else ""
-                    raise RaftError(f"loss became {loss.item()} at epoch {epoch}, step {progress['step']} "
-                                    f"(terms: { {k: round(v.item(), 4) for k, v in terms.items()} }): "
-                                    f"try a lower lr, or --amp false{kept}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                n = labels.shape[0]
-                sums["loss"] += loss.item() * n
-                for k, v in terms.items():
-                    sums[k] += v.item() * n
                 with torch.no_grad():
-                    progress["correct"] += (cosine_logits(v_cls, text[:, :-1]).argmax(1) == labels).sum().item()
-                progress["seen"] += n
+                    correct = (cosine_logits(v_cls, text[:, :-1]).argmax(1) == labels).sum()
+                tally.add(progress["step"], loss, terms, correct, labels.shape[0])
                 progress["step"] += 1
                 progress["position"] += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+                if not bar.disable and time.monotonic() - shown > 2.0:  # the bar's loss: a sync every 2 s
+                    bar.set_postfix(loss=f"{tally.mean_loss():.3f}", lr=f"{lr:.1e}")
+                    shown = time.monotonic()
                 if stop.requested and progress["position"] < per_epoch:
                     break
             if progress["position"] >= per_epoch:  # the epoch is complete
+                tally.check_finite(per_epoch, state_path)
+                tally.into(progress)
+                sums = progress["sums"]
                 seen = max(1, progress["seen"])
                 row = {k: v / seen for k, v in sums.items()} | {
                     "epoch": epoch, "train_acc": 100.0 * progress["correct"] / seen,
@@ -205,6 +246,7 @@ def train_pool(pool: RegionAttentionPool, text: torch.Tensor, source, cfg: Confi
                          f"train acc {row['train_acc']:.2f}%  lr {row['lr']:.2e}")
                 progress.update(epoch=epoch + 1, position=0, correct=0, seen=0,
                                 sums={k: 0.0 for k in sums})
+                tally = EpochTally(device, progress)
             progress["seconds"] += time.perf_counter() - clock
             clock = time.perf_counter()
             if stop.requested:

@@ -59,7 +59,9 @@ SCHEMA: dict[str, Key] = {
                                                      "class folder when no train/ val/ test/ subfolders exist"),
     "split_seed": Key((int,), 1, "dataset: folder only: seed of that split"),
     "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True, _positive, "> 0"),
-    "backbone": Key((str,), "RN50", "CLIP ResNet: RN50, RN101, RN50x4, RN50x16, RN50x64 or tiny-rn"),
+    "backbone": Key((str,), "RN50", "CLIP backbone (open_clip's names): ResNets RN50, RN101, RN50x4, RN50x16, "
+                                    "RN50x64; ViTs ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 (RAFT-ViT, this "
+                                    "project's extension: doc/method.md §10); tiny-rn, tiny-vit (random, offline)"),
     "weights": Key((str,), "openai", "'openai' (download/cache), a local checkpoint path, or null for random init", True),
     "quick_gelu": Key((bool,), True, "QuickGELU in the text tower; OpenAI weights need it"),
     "calibrate_bn": Key((bool,), False, "re-estimate the trunk's BatchNorm statistics on the training images "
@@ -108,7 +110,10 @@ SCHEMA: dict[str, Key] = {
                                       "epoch; 0 = after every epoch)", False, _non_negative, ">= 0"),
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
-    "num_workers": Key((int,), 4, "data-loading worker processes", False, _non_negative, ">= 0"),
+    "num_workers": Key((int, str), "auto", "image-decoding worker processes: an integer, or 'auto' (the CPUs "
+                                           "this process may use, shared among the processes of a torchrun run, "
+                                           "at most 16)", False,
+                       lambda v: v == "auto" or (isinstance(v, int) and v >= 0), ">= 0 or 'auto'"),
     "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
@@ -353,6 +358,69 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(value: int | str) -> int:
+    """``num_workers``: an integer, or 'auto' = the CPUs available to this process shared among
+    the processes torchrun started on this machine (at most 16 each, at least 1)."""
+    if value != "auto":
+        return int(value)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, available_cpus() // max(1, processes)))
+
+
+class background:
+    """Iterate ``iterable`` in a daemon thread, ``depth`` items ahead: the next batches are
+    read or prepared while the current one is used. Exceptions reach the consumer; leaving
+    the loop early (break, an error) stops the thread."""
+
+    _DONE = object()
+
+    def __init__(self, iterable, depth: int = 2):
+        import queue
+        import threading
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(iterable),), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((False, exc))
+            return
+        self._put((True, self._DONE))
+
+    def __iter__(self):
+        try:
+            while True:
+                ok, item = self._queue.get()
+                if not ok:
+                    raise item
+                if item is self._DONE:
+                    return
+                yield item
+        finally:
+            self._stop.set()
+            self._thread.join()
 
 
 def sha256_text(*parts: Any) -> str:

@@ -1,17 +1,23 @@
 """Speed benchmark: this implementation vs the straightforward RAFT pipeline, side by side.
 
     python bench/bench_speed.py                        # CPU, RN50 sizes, random weights
+    python bench/bench_speed.py --backbone ViT-B-16    # RAFT-ViT (doc/method.md §10)
     python bench/bench_speed.py --device cuda --batch 64 --shots 16 --classes 10
     python bench/bench_speed.py --quick                # smaller, for a first look
 
 Cost does not depend on weight values, so the backbone is randomly initialised. Everything
 runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). Four parts:
 
-1. region pool forward+backward: the folded two-token pool vs multi-head attention over all
-   HW+2 tokens (as the reference computes it) — time and FLOPs (torch's FLOP counter);
-2. one training epoch: faithful mode (decode once, batched augmentation, channels-last trunk,
-   folded pool) vs the straightforward per-step pipeline (DataLoader decoding + PIL
-   augmentation every step, plain trunk, all-token pool) — time, and the share in the trunk;
+1. region pool forward+backward: the folded two-token pool vs the straightforward pool
+   (ResNet: multi-head attention over all HW+2 tokens, as the reference computes it; ViT:
+   the whole last block on all N+2 tokens) — time and FLOPs (torch's FLOP counter);
+2. training epochs (medians of 3 each, alternating): faithful mode (decode once, batched
+   augmentation prepared in a background thread, the frozen trunk, CLIP's v0 and the pool
+   queried for their summary tokens only, no host sync per step) vs the straightforward
+   per-step pipeline (DataLoader decoding + PIL augmentation every step, the plain trunk,
+   CLIP's pool or last block on all tokens, the all-token pool) — time, the share in the
+   trunk, the device's idle share (GPU: kernel time from torch's profiler; CPU: the share
+   outside the trunk), and a step's time over the trunk's own forward on the same batch;
 3. a 3-run sweep (seeds 1, 2, 3) with and without the cached val/test features;
 4. `train_views: 10` vs faithful mode, per epoch and per run (--epochs epochs), plus
    a repeated evaluation on a cached test set vs recomputing it.
@@ -40,11 +46,12 @@ import engine  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
-from clip.region_pool import RegionAttentionPool, all_token_forward  # noqa: E402
+from clip.region_pool import all_token_forward  # noqa: E402
+from clip.vit_pool import vit_all_token_forward  # noqa: E402
 from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
 from datasets.loader import eval_transform, make_loader, train_transform  # noqa: E402
-from features import LiveSource, ViewSource, eval_store, live_batches  # noqa: E402
+from features import LiveSource, ViewSource, augment, eval_store, live_batches  # noqa: E402
 from utils import autocast, build_config, setup_logging  # noqa: E402
 
 
@@ -78,23 +85,28 @@ def timed(fn, device):
 
 
 # --------------------------------------------------------------------------- the straightforward pipeline
+ALL_TOKENS = {"resnet": all_token_forward, "vit": vit_all_token_forward}
+
+
 class AllTokenPool(nn.Module):
-    """The region pool computed as the reference does: attention outputs for all HW+2 tokens."""
+    """The region pool computed straightforwardly: every token's output, then keep two."""
 
-    def __init__(self, pool: RegionAttentionPool):
+    def __init__(self, pool: nn.Module, family: str):
         super().__init__()
-        self.pool = pool
+        self.pool, self.forward_all = pool, ALL_TOKENS[family]
 
-    def forward(self, fmap):
-        return all_token_forward(self.pool, fmap)
+    def forward(self, features):
+        return self.forward_all(self.pool, features)
 
 
 class ReferenceSource:
-    """Per-step decoding + PIL augmentation through a DataLoader, and a plain (NCHW) trunk."""
+    """Per-step decoding + PIL augmentation through a DataLoader, and the plain trunk with
+    CLIP's own pooling over all tokens (ResNet: unfused NCHW stages and the attention pool;
+    ViT: the blocks, then the last block on all 1+N tokens)."""
 
-    def __init__(self, model, items, batch_size, seed, device, amp, num_workers):
-        self.visual, self.device, self.amp = model.visual.eval(), device, amp
-        self.loader = make_loader(items, train_transform(model.visual.image_size), batch_size, shuffle=True,
+    def __init__(self, model, items, batch_size, seed, device, amp, num_workers, clip):
+        self.visual, self.device, self.amp, self.clip = model.visual.eval(), device, amp, clip
+        self.loader = make_loader(items, train_transform(clip.image_size), batch_size, shuffle=True,
                                   num_workers=num_workers, seed=seed, device=device)
 
     def __len__(self):
@@ -103,8 +115,12 @@ class ReferenceSource:
     @torch.no_grad()
     def trunk(self, images):
         v = self.visual
-        fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
-        return fmap, v.attnpool(fmap)
+        if self.clip.family == "resnet":
+            fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
+            return fmap, v.attnpool(fmap)
+        tokens = self.clip.trunk(images)                  # no shortcut exists for the ViT blocks
+        z = v.transformer.resblocks[-1](tokens)           # CLIP's last block on all 1+N tokens
+        return tokens, v.ln_post(z[:, 0]) @ v.proj
 
     def epoch(self, epoch, start=0):
         for images, labels, _ in self.loader:
@@ -124,9 +140,11 @@ def train_epochs(pool, text, source, cfg, device):
 
 # --------------------------------------------------------------------------- parts
 def bench_pool(clip, device, batch, reps):
-    pool = RegionAttentionPool(clip.attnpool).to(device)
-    fmap = torch.randn(batch, clip.feature_channels, clip.grid, clip.grid, device=device).relu()
-    fns = {"folded": lambda: pool(fmap), "all-token": lambda: all_token_forward(pool, fmap)}
+    pool = clip.region_pool().to(device)
+    fmap = torch.randn(batch, *clip.feature_shape, device=device)
+    fmap = fmap.relu() if clip.family == "resnet" else fmap     # a feature map is post-ReLU
+    all_tokens = ALL_TOKENS[clip.family]
+    fns = {"folded": lambda: pool(fmap), "all-token": lambda: all_tokens(pool, fmap)}
 
     def step(fn):
         a, b = fn()
@@ -146,39 +164,79 @@ def bench_pool(clip, device, batch, reps):
             "time_ratio": t["all-token"] / t["folded"], "flop_ratio": flops["all-token"] / flops["folded"]}
 
 
-def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers):
-    """One epoch each way (after a warm-up epoch), with the trunk's share of the time."""
+def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=3):
+    """Epochs each way (after a warm-up epoch; ``reps`` of each, alternating, medians), with the
+    trunk's share of the time."""
     out = {}
-    pool = RegionAttentionPool(clip.attnpool).to(device)
+    pool = clip.region_pool().to(device)
     decode_s, live = timed(lambda: LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers), device)
-    ref = ReferenceSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers)
-    ref_pool = AllTokenPool(RegionAttentionPool(clip.attnpool).to(device))
+    ref = ReferenceSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers, clip)
+    ref_pool = AllTokenPool(clip.region_pool().to(device), clip.family)
     live_watch = Stopwatch(clip.encode_image, device)
     ref_watch = Stopwatch(ref.trunk, device)
     clip.encode_image, ref.trunk = live_watch, ref_watch
     try:
         train_epochs(pool, text, live, cfg, device)
         train_epochs(ref_pool, text, ref, cfg, device)  # warm-ups (workers, allocator, oneDNN)
-        for name, p, src, watch in (("faithful", pool, live, live_watch), ("straightforward", ref_pool, ref, ref_watch)):
-            watch.seconds = 0.0
-            seconds = train_epochs(p, text, src, cfg, device)
-            out[name] = {"epoch_seconds": seconds, "trunk_seconds": watch.seconds,
-                         "trunk_share": watch.seconds / seconds}
+        runs = {"faithful": [], "straightforward": []}
+        for _ in range(reps):  # alternating, so that the machine's slow moments hit both alike
+            for name, p, src, watch in (("faithful", pool, live, live_watch),
+                                        ("straightforward", ref_pool, ref, ref_watch)):
+                watch.seconds = 0.0
+                seconds = train_epochs(p, text, src, cfg, device)
+                runs[name].append((seconds, watch.seconds))
+        for name, measured in runs.items():
+            seconds = statistics.median(s for s, _ in measured)
+            out[name] = {"epoch_seconds": seconds, "trunk_seconds": statistics.median(t for _, t in measured),
+                         "trunk_share": statistics.median(t / s for s, t in measured)}
     finally:
         del clip.encode_image
+    for name, p, src in (("faithful", pool, live), ("straightforward", ref_pool, ref)):  # not instrumented
+        out[name]["device_idle_share"] = device_idle_share(lambda: train_epochs(p, text, src, cfg, device), device,
+                                                           out[name]["trunk_share"])
     out["faithful"]["decode_once_seconds"] = decode_s
     out["epoch_ratio"] = out["straightforward"]["epoch_seconds"] / out["faithful"]["epoch_seconds"]
+    out["step_over_trunk"] = step_over_trunk(clip, live, pool, text, cfg, device, amp)
     return out, live
+
+
+def device_idle_share(run, device, trunk_share: float) -> float:
+    """The share of ``run``'s wall-clock time the device spends without work. On a GPU: 1 minus
+    the time its kernels cover (torch's profiler); on the CPU the cores are busy with the model
+    whenever anything runs, so what counts is the share outside the frozen trunk."""
+    if device.type != "cuda":
+        return 1.0 - trunk_share
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = timed(run, device)[0]
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    return max(0.0, 1.0 - busy / wall)
+
+
+def step_over_trunk(clip, live, pool, text, cfg, device, amp, reps=5) -> float:
+    """A training step's time over the trunk's own forward on a batch of the same size (a clean
+    epoch over the trunk's time for its images): 1.0 would be a step that costs nothing but the trunk."""
+    n = min(cfg.batch_size, len(live.images))
+    images = augment(live.images[:n], clip.image_size, torch.Generator().manual_seed(0), device, amp)
+
+    def forward():
+        with torch.no_grad(), autocast(device, amp):
+            clip.encode_image(images)
+
+    forward()
+    trunk_per_image = statistics.median(timed(forward, device)[0] for _ in range(reps)) / n
+    epoch = train_epochs(pool, text, live, cfg, device)
+    return epoch / (trunk_per_image * len(live.images))
 
 
 def bench_views(clip, text, items, cfg, device, amp, workers, cache, epochs, straightforward_epoch, faithful_epoch,
                 decode_s):
-    pool = RegionAttentionPool(clip.attnpool).to(device)
+    pool = clip.region_pool().to(device)
     build_s, views = timed(lambda: ViewSource(clip, items, 10, cfg.batch_size, cfg.seed, cache, "bench_train",
                                               device, amp, workers), device)
     epoch_s = train_epochs(pool, text, views, cfg, device)
     run_cfg = build_config(None, dict(cfg) | {"train_epoch": epochs, "warmup_epoch": min(cfg.warmup_epoch, epochs - 1)})
-    run_s = build_s + train_epochs(RegionAttentionPool(clip.attnpool).to(device), text, views, run_cfg, device)
+    run_s = build_s + train_epochs(clip.region_pool().to(device), text, views, run_cfg, device)
     faithful_run = decode_s + epochs * faithful_epoch
     straightforward_run = epochs * straightforward_epoch
     return {"build_views_seconds": build_s, "epoch_seconds": epoch_s, "run_seconds": run_s, "epochs": epochs,
@@ -188,7 +246,7 @@ def bench_views(clip, text, items, cfg, device, amp, workers, cache, epochs, str
 
 
 def bench_eval(clip, text, items, device, amp, workers, cache, batch):
-    pool = RegionAttentionPool(clip.attnpool).to(device)
+    pool = clip.region_pool().to(device)
     store = eval_store(clip, items, cache, "bench_eval_timing", batch, workers, device, amp)
     live_s = timed(lambda: evaluation.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.image_size),
                                                                          batch, workers, device, amp),
@@ -275,6 +333,10 @@ def main():
           f"(trunk {100 * e['faithful']['trunk_share']:.0f}%) vs straightforward "
           f"{e['straightforward']['epoch_seconds']:.2f}s (trunk {100 * e['straightforward']['trunk_share']:.0f}%) "
           f"-> {e['epoch_ratio']:.2f}x; one-time decode {e['faithful']['decode_once_seconds']:.2f}s")
+    print(f"    device idle: {100 * e['faithful']['device_idle_share']:.0f}% of the faithful epoch vs "
+          f"{100 * e['straightforward']['device_idle_share']:.0f}% straightforward "
+          f"({'kernel time from the profiler' if device.type == 'cuda' else 'CPU: the share outside the trunk'}); "
+          f"faithful step = {e['step_over_trunk']:.2f}x the trunk's forward on the same batch")
 
     results["sweep"] = s = bench_sweep(args, data_root, work, device)
     print(f"[3] 3-run sweep (faithful, {args.sweep_epochs} epoch(s) each): eval {s['uncached']['eval_seconds']:.1f}s "

@@ -1,8 +1,10 @@
-"""The frozen CLIP model, loaded through open_clip.
+"""The frozen CLIP model, loaded through open_clip: its ResNets and its ViTs.
 
 ``FrozenCLIP.encode_image`` is the one place where the frozen image trunk runs: a single
-forward yields both the feature map before attention pooling and CLIP's own pooled
-feature. Everything in here is frozen and stays in eval mode.
+forward yields both what the region pool reads (a ResNet's feature map before attention
+pooling, or a ViT's token sequence entering the last block) and CLIP's own image feature
+``v0``. Everything in here is frozen and stays in eval mode. What differs between the two
+families is a row of ``FAMILIES``.
 """
 from __future__ import annotations
 
@@ -15,23 +17,28 @@ import urllib.request
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import open_clip
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from clip.region_pool import clip_pool_forward
+from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
+from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
 
 from utils import RaftError, torch_load
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn (and any config dropped there)
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn, tiny-vit (and any config dropped there)
 
-# RAFT fine-tunes the attention pool of CLIP's modified ResNet; these are the OpenAI ResNets
-# plus the tiny random model used by tests and the offline demo.
-SUPPORTED_BACKBONES = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "tiny-rn")
+# CLIP's ResNets (RAFT fine-tunes their attention pool) and ViTs (the last block's attention,
+# doc/method.md §10), by open_clip's names, plus the tiny random models of the tests and demo.
+RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "tiny-rn")
+VITS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "tiny-vit")
+SUPPORTED_BACKBONES = RESNETS + VITS
 TINY_INIT_SEED = 0  # random backbones are always built from this seed: they stand in for fixed weights
 
 # Entries of TorchScript archives that are metadata or derived buffers, not weights.
@@ -54,6 +61,12 @@ def _check_state_fits(model: nn.Module, state: dict, path: Path, backbone: str) 
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
+        families = {"a ResNet's": "visual.attnpool.", "a ViT's": "visual.transformer.resblocks."}
+        theirs = next((name for name, key in families.items() if any(k.startswith(key) for k in state)), None)
+        ours = next((name for name, key in families.items() if any(k.startswith(key) for k in expected)), None)
+        if theirs is not None and theirs != ours:
+            raise RaftError(f"{path} holds {theirs} image tower, but {backbone} is {ours[:-2]}: "
+                            f"pick the backbone the weights are for")
         detail = (f"{len(wrong)} shape mismatches (first: {wrong[0]})" if wrong
                   else f"{len(missing)} missing / {len(unexpected)} unexpected tensors "
                        f"(first: {(missing or unexpected)[0]})")
@@ -144,9 +157,7 @@ def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) 
     ``None`` for random weights seeded with ``TINY_INIT_SEED``.
     """
     if backbone not in SUPPORTED_BACKBONES:
-        kind = "ViT backbones are not supported yet (RAFT fine-tunes the ResNet attention pool)" \
-            if backbone.lower().startswith("vit") else f"unknown backbone '{backbone}'"
-        raise RaftError(f"{kind}; supported: {', '.join(SUPPORTED_BACKBONES)}")
+        raise RaftError(f"unknown backbone '{backbone}'; supported: {', '.join(SUPPORTED_BACKBONES)}")
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
@@ -203,6 +214,102 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
+# --------------------------------------------------------------------------- the two families
+class ResNetTrunk(nn.Module):
+    """The frozen ResNet trunk (stem + 4 residual stages) with every BatchNorm folded into the
+    convolution before it, in channels-last layout. Same function (to float rounding),
+    ~20% less work; channels-last convolutions are 1.3-1.6x faster on CPU (oneDNN) and use
+    tensor cores on CUDA. The original modules are left untouched (state dict, calibration)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.fused = inference_trunk(visual)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fused(images.contiguous(memory_format=torch.channels_last))
+
+
+class ViTTrunk(nn.Module):
+    """The frozen ViT trunk: patch embedding, class token, positional embedding, ``ln_pre`` and
+    every block but the last -> the tokens entering the last block, ``B×(1+N)×W``. Uses the
+    model's own modules (nothing is copied)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(visual.transformer.resblocks[:-1])
+        self.batch_first = batch_first(visual.transformer.resblocks[-1].attn)
+        self.__dict__["visual"] = visual  # not registered again: it is the model's
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)                          # B, N, W
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.ln_pre(v.patch_dropout(x))
+        x = x if self.batch_first else x.transpose(0, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x if self.batch_first else x.transpose(0, 1)
+
+
+def resnet_sizes(visual: nn.Module) -> tuple[int, int, int, tuple[int, ...]]:
+    pool = visual.attnpool
+    grid = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))                   # H = W
+    channels = pool.k_proj.in_features                                                      # E
+    return channels, pool.c_proj.out_features, grid, (channels, grid, grid)
+
+
+def vit_sizes(visual: nn.Module) -> tuple[int, int, int, tuple[int, ...]]:
+    width = visual.conv1.out_channels                                                       # W
+    grid = int(visual.grid_size[0])
+    return width, visual.proj.shape[1], grid, (grid * grid + 1, width)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a backbone family computes, each part read off the loaded model."""
+    trunk: type              # visual -> module: images -> what the region pool reads
+    pooled: Callable         # (visual, features) -> CLIP's own image feature v0
+    clip_attention: Callable  # (visual, features) -> (out, weights B×heads×1×(1+HW)) of CLIP's class query
+    region_pool: Callable    # (visual, mask_bg_in_cls) -> the trainable region pool
+    sizes: Callable          # visual -> (feature channels, embedding D, grid side, per-image feature shape)
+    what: str                # what the cached features are, for logs and docs
+
+
+FAMILIES = {
+    "resnet": Family(ResNetTrunk, lambda v, f: clip_pool_forward(v.attnpool, f),
+                     lambda v, f: clip_pool_attention(v.attnpool, f),
+                     lambda v, mask: RegionAttentionPool(v.attnpool, mask), resnet_sizes, "feature map"),
+    "vit": Family(ViTTrunk, clip_vit_forward, clip_vit_attention, ViTRegionPool, vit_sizes,
+                  "tokens entering the last block"),
+}
+
+
+def family_of(visual: nn.Module, backbone: str) -> str:
+    """'resnet' or 'vit', after checking that RAFT's pool applies to this model."""
+    if hasattr(visual, "attnpool"):
+        return "resnet"
+    if not (hasattr(visual, "transformer") and hasattr(visual, "class_embedding")):
+        raise RaftError(f"{backbone}'s image tower ({type(visual).__name__}) is neither CLIP's ResNet nor its ViT")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise RaftError(f"{backbone} pools its tokens with an attentional pooler; RAFT on a ViT needs CLIP's "
+                        f"class-token pooling")
+    pool_type = getattr(visual, "pool_type", "tok")
+    if pool_type != "tok":
+        raise RaftError(f"{backbone} pools its tokens by '{pool_type}'; RAFT on a ViT needs the class token "
+                        f"(pool_type 'tok')")
+    grid = tuple(visual.grid_size)
+    if grid[0] != grid[1]:
+        raise RaftError(f"{backbone}'s patch grid is {grid[0]}×{grid[1]}; RAFT on a ViT needs a square grid")
+    attn = getattr(visual.transformer.resblocks[-1], "attn", None)
+    if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or attn.in_proj_bias is None:
+        raise RaftError(f"{backbone}'s last block does not use CLIP's standard attention (one packed q/k/v "
+                        f"projection with biases); RAFT on a ViT is defined for that block")
+    if getattr(visual, "proj", None) is None:
+        raise RaftError(f"{backbone} has no image projection (proj): not a CLIP image tower")
+    return "vit"
+
+
 class FrozenCLIP(nn.Module):
     """CLIP with every parameter frozen, in eval mode for good."""
 
@@ -214,12 +321,12 @@ class FrozenCLIP(nn.Module):
             p.requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(backbone)
         visual = model.visual
-        pool = visual.attnpool
+        self.family = family_of(visual, backbone)
+        self.spec = FAMILIES[self.family]
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.feature_channels = pool.k_proj.in_features          # E
-        self.embed_dim = pool.c_proj.out_features                # D
-        self.grid = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))  # H = W
+        # E (ResNet) or W (ViT), D, the grid side H = W, and one image's trunk output shape
+        self.feature_channels, self.embed_dim, self.grid, self.feature_shape = self.spec.sizes(visual)
         self._fingerprint: str | None = None
         self._fast_trunk: nn.Module | None = None
 
@@ -228,21 +335,34 @@ class FrozenCLIP(nn.Module):
 
     @property
     def attnpool(self) -> nn.Module:
+        """A ResNet's attention pool (ViTs have none: their last block plays its part)."""
         return self.model.visual.attnpool
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
-        """Feature map of the last residual stage, ``B×E×H×W``."""
+        """What the region pool reads: the feature map ``B×E×H×W`` (ResNet) or the tokens
+        entering the last block ``B×(1+N)×W`` (ViT)."""
         if self._fast_trunk is None:
-            self._fast_trunk = inference_trunk(self.model.visual)
-        return self._fast_trunk(images.contiguous(memory_format=torch.channels_last))
+            self._fast_trunk = self.spec.trunk(self.model.visual)
+        return self._fast_trunk(images)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One trunk forward -> (feature map ``B×E×H×W``, CLIP's pooled feature ``v0`` ``B×D``).
+        """One trunk forward -> (trunk output, CLIP's own image feature ``v0`` ``B×D``); ``v0``
+        is computed for CLIP's class query only, and equals ``model.encode_image``."""
+        features = self.trunk(images)
+        return features, self.spec.pooled(self.model.visual, features)
 
-        ``v0`` equals ``attnpool(fmap)``; only its class token is queried (clip_pool_forward)."""
-        fmap = self.trunk(images)
-        return fmap, clip_pool_forward(self.attnpool, fmap)
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """``v0`` from trunk outputs (e.g. cached ones)."""
+        return self.spec.pooled(self.model.visual, features)
+
+    def clip_attention(self, features: torch.Tensor) -> torch.Tensor:
+        """Weights of CLIP's own class query over its tokens: ``B×heads×1×(1+HW)``."""
+        return self.spec.clip_attention(self.model.visual, features)[1]
+
+    def region_pool(self, mask_bg_in_cls: bool = False) -> nn.Module:
+        """A new trainable region pool initialised from this model (doc/method.md §2, §10)."""
+        return self.spec.region_pool(self.model.visual, mask_bg_in_cls)
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: rebuild the fused trunk from the moved model
         self._fast_trunk = None
@@ -266,10 +386,7 @@ class FrozenCLIP(nn.Module):
 
 
 def inference_trunk(visual: nn.Module) -> nn.Module:
-    """The frozen trunk (stem + 4 residual stages) with every BatchNorm folded into the
-    convolution before it, in channels-last layout. Same function (to float rounding),
-    ~20% less work; channels-last convolutions are 1.3-1.6x faster on CPU (oneDNN) and use
-    tensor cores on CUDA. The original modules are left untouched (state dict, calibration)."""
+    """The ResNet trunk's modules with BatchNorm folded, channels-last (see ``ResNetTrunk``)."""
     trunk = copy.deepcopy(nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2,
                                         visual.act2, visual.conv3, visual.bn3, visual.act3, visual.avgpool,
                                         visual.layer1, visual.layer2, visual.layer3, visual.layer4))
@@ -299,6 +416,8 @@ def calibrate_batchnorm(clip: FrozenCLIP, batches) -> int:
     images its random features differ between images. Only for random backbones.
     """
     norms = [m for m in clip.model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # a ViT: LayerNorm normalises each token itself, there are no statistics to measure
+        return 0
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches

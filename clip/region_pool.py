@@ -25,10 +25,23 @@ def summary_tokens(fmap: torch.Tensor, positional_embedding: torch.Tensor, n_sum
     return torch.cat([mean, x], dim=1) + positional_embedding.to(x.dtype)
 
 
-def folded_attention(tokens: torch.Tensor, n_query: int, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-                     num_heads: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def projections(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(W_q, b_q, W_k, b_k, W_v, b_v) of an attention module: CLIP's ResNet pool (separate
+    q/k/v Linear layers) or a transformer block's ``nn.MultiheadAttention`` (one packed input
+    projection; its chunks are views, so gradients reach the packed parameter)."""
+    if isinstance(module, nn.MultiheadAttention):
+        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = module.in_proj_bias.chunk(3)
+        return w_q, b_q, w_k, b_k, w_v, b_v
+    return (module.q_proj.weight, module.q_proj.bias, module.k_proj.weight, module.k_proj.bias,
+            module.v_proj.weight, module.v_proj.bias)
+
+
+def folded_attention(tokens: torch.Tensor, n_query: int, qkv: tuple[torch.Tensor, ...], num_heads: int,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention of the first ``n_query`` tokens over all tokens (``B×N×E``), before
     the output projection: returns ``B×n_query×E`` and the weights ``B×heads×n_query×N``.
+    ``qkv`` = (W_q, b_q, W_k, b_k, W_v, b_v), see ``projections``.
 
     Keys and values are folded into the query side, so the N tokens are never projected.
     Per head h, with ``x_j`` the tokens:
@@ -36,20 +49,21 @@ def folded_attention(tokens: torch.Tensor, n_query: int, q_proj: nn.Linear, k_pr
       Σ_j a_j (W_v x_j + b_v) = W_v (Σ_j a_j x_j) + b_v   — because Σ_j a_j = 1.
     Same outputs and gradients as attention over all tokens (``all_token_forward``).
     """
+    w_q, b_q, w_k, b_k, w_v, b_v = qkv
     b, n, e = tokens.shape
     h = num_heads
     d = e // h
-    q = q_proj(tokens[:, :n_query]).view(b, n_query, h, d) * d ** -0.5       # B, Q, h, d
-    u = torch.einsum("bshd,hde->bshe", q, k_proj.weight.view(h, d, e))         # B, Q, h, E: W_kᵀ q
-    scores = torch.einsum("bshe,bne->bshn", u, tokens)                         # B, Q, h, N
+    q = F.linear(tokens[:, :n_query], w_q, b_q).view(b, n_query, h, d) * d ** -0.5   # B, Q, h, d
+    u = torch.einsum("bshd,hde->bshe", q, w_k.view(h, d, e))                       # B, Q, h, E: W_kᵀ q
+    scores = torch.einsum("bshe,bne->bshn", u, tokens)                             # B, Q, h, N
     # q·b_k shifts every score of a query alike and softmax cancels it; kept so that b_k gets
     # the same (zero) gradient, hence the same AdamW update, as in full attention.
-    scores = scores + (q * k_proj.bias.view(h, d)).sum(-1, keepdim=True)
+    scores = scores + (q * b_k.view(h, d)).sum(-1, keepdim=True)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    mixed = torch.einsum("bshn,bne->bshe", weights, tokens)                    # B, Q, h, E: Σ_j a_j x_j
-    out = torch.einsum("bshe,hde->bshd", mixed, v_proj.weight.view(h, d, e)) + v_proj.bias.view(h, d)
+    mixed = torch.einsum("bshn,bne->bshe", weights, tokens)                        # B, Q, h, E: Σ_j a_j x_j
+    out = torch.einsum("bshe,hde->bshd", mixed, w_v.view(h, d, e)) + b_v.view(h, d)
     return out.reshape(b, n_query, e), weights.transpose(1, 2)
 
 
@@ -57,7 +71,7 @@ def clip_pool_attention(attnpool: nn.Module, fmap: torch.Tensor) -> tuple[torch.
     """CLIP's own attention pool queried for its class token only: the output before
     ``c_proj`` (``B×1×E``) and the attention weights (``B×heads×1×(HW+1)``)."""
     tokens = summary_tokens(fmap, attnpool.positional_embedding, 1)
-    return folded_attention(tokens, 1, attnpool.q_proj, attnpool.k_proj, attnpool.v_proj, attnpool.num_heads)
+    return folded_attention(tokens, 1, projections(attnpool), attnpool.num_heads)
 
 
 def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
@@ -101,7 +115,7 @@ class RegionAttentionPool(nn.Module):
         if self.mask_bg_in_cls:
             mask = torch.zeros(2, 1, tokens.shape[1], dtype=torch.bool, device=fmap.device)
             mask[0, 0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
-        return folded_attention(tokens, 2, self.q_proj, self.k_proj, self.v_proj, self.num_heads, mask)
+        return folded_attention(tokens, 2, projections(self), self.num_heads, mask)
 
     def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.attention(fmap)

@@ -8,6 +8,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from utils import resolve_workers
+
 from .base import Datum
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -83,9 +85,11 @@ def collate_readable(batch):
     return images, torch.tensor([y for _, y in good], dtype=torch.long), failures
 
 
-def make_loader(items: list[Datum], transform, batch_size: int, *, shuffle: bool, num_workers: int,
+def make_loader(items: list[Datum], transform, batch_size: int, *, shuffle: bool, num_workers: int | str,
                 seed: int = 0, device: torch.device | None = None) -> DataLoader:
-    """Batches of ``(images or None, labels, failures)``; see ``ImageList``."""
+    """Batches of ``(images or None, labels, failures)``; see ``ImageList``. ``num_workers`` may be
+    'auto' (``utils.resolve_workers``)."""
+    num_workers = resolve_workers(num_workers)
     generator = torch.Generator().manual_seed(seed)  # shuffling and worker seeds follow the run's seed
     return DataLoader(
         ImageList(items, transform), batch_size=batch_size, shuffle=shuffle, drop_last=False,

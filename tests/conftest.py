@@ -85,3 +85,9 @@ def one_line_error(code, err, *fragments):
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    from clip.backbone import FrozenCLIP, load_open_clip
+    return FrozenCLIP(load_open_clip("tiny-vit", None), "tiny-vit")

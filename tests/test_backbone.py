@@ -6,9 +6,10 @@ from clip.backbone import SUPPORTED_BACKBONES, FrozenCLIP, calibrate_batchnorm, 
 from utils import RaftError
 
 
-def test_unknown_and_vit_backbones_list_the_supported_names():
-    with pytest.raises(RaftError, match="ViT backbones are not supported yet.*RN50, RN101, RN50x4"):
-        load_open_clip("ViT-B-16", "openai")
+def test_unknown_backbones_list_the_supported_names():
+    # ViTs are supported since RAFT-ViT (doc/method.md §10); names outside the list are not
+    with pytest.raises(RaftError, match="unknown backbone 'ViT-H-14'.*RN50, RN101, RN50x4.*ViT-B-16"):
+        load_open_clip("ViT-H-14", "openai")
     with pytest.raises(RaftError, match="unknown backbone 'RN51'.*tiny-rn"):
         load_open_clip("RN51", "openai")
     with pytest.raises(RaftError, match="weights file not found"):

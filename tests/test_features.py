@@ -155,3 +155,67 @@ def test_view_source_computes_views_once_and_cycles(tiny_clip, demo, tmp_path, c
         view = pooled[((e - 1) % 3) * n:((e - 1) % 3 + 1) * n]
         assert sorted(feats[:, 0].tolist()) == sorted(view[:, 0].tolist())
     assert not torch.allclose(pooled[:n], pooled[n:2 * n])   # views differ
+
+
+# --------------------------------------------------------------------------- keeping a GPU busy
+@pytest.mark.parametrize("shape,size", [((3, 230, 300), 224), ((3, 50, 70), 96)])   # down- and upsampling
+def test_batched_resize_equals_torchs_antialiased_interpolate(shape, size):
+    """The batched products (what a GPU runs) compute what F.interpolate does crop by crop."""
+    from datasets.augment import prepare_batch
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, shape[1] + 7 * i, shape[2] - 5 * i), dtype=torch.uint8, generator=gen)
+              for i in range(8)]
+    per_crop = prepare_batch(images, size, torch.Generator().manual_seed(3), CPU).finish(CPU)
+    batched = prepare_batch(images, size, torch.Generator().manual_seed(3), CPU, batched=True).finish(CPU)
+    assert per_crop.shape == batched.shape == (8, 3, size, size)
+    assert (per_crop - batched).abs().max() * 0.27 * 255 < 0.01      # far below one grey level
+
+
+def test_the_augmentation_draws_what_the_per_image_transform_drew(tiny_clip):
+    """Batching changed no random draw: flips first, then each image's crop, in order."""
+    from datasets.augment import prepare_batch
+    images = [torch.zeros(3, 120 + i, 160, dtype=torch.uint8) for i in range(5)]
+    gen = torch.Generator().manual_seed(7)
+    batch = prepare_batch(images, 64, gen, CPU)
+    ref = torch.Generator().manual_seed(7)
+    flips = torch.rand(5, generator=ref) < 0.5
+    boxes = [crop_params(img.shape[1], img.shape[2], ref) for img in images]
+    assert torch.equal(batch.flips, flips)
+    assert batch.sizes.tolist() == [[h, w] for _, _, h, w in boxes]
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
+def test_training_reads_nothing_back_from_the_device_inside_an_epoch(tiny_clip, demo, monkeypatch):
+    """Loss sums, accuracy counts and the NaN check stay on the device: host reads happen per
+    epoch (and at saves), not per step."""
+    import logging
+    from training import train_pool
+    from utils import build_config
+    source = LiveSource(tiny_clip, demo.train, batch_size=4, seed=1, device=CPU, amp=False, num_workers=0)
+    text = torch.nn.functional.normalize(torch.randn(tiny_clip.embed_dim, 5), dim=0)
+    cfg = build_config(None, {"dataset": "demo", "data_path": "x", "train_epoch": 3, "warmup_epoch": 1,
+                              "batch_size": 4})
+    import sys
+    reads = []
+
+    def counted(real):
+        def read(self, *args, **kwargs):   # reads made by the training loop itself (training.py)
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.endswith("training.py"):
+                reads.append(f"{caller.f_code.co_name}:{caller.f_lineno}")
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    train_pool(tiny_clip.region_pool(), text, source, cfg, CPU, logging.getLogger("t"))
+    steps = 3 * len(source)
+    assert steps == 24 and len(reads) <= 2 * 3, reads      # two per epoch (the NaN check, the sums), none per step
+
+
+def test_workers_auto_share_the_cpus_among_torchrun_processes(monkeypatch):
+    from utils import available_cpus, resolve_workers
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers(3) == 3 and resolve_workers("auto") == max(1, min(16, available_cpus()))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert resolve_workers("auto") == 1

@@ -88,11 +88,28 @@ def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_roo
         assert img.format == "PNG" and img.width > 3 * img.height
 
 
-def fake_results(root: Path, dataset: str, shots: int, seed: int, acc: float, zero: float = 40.0):
-    folder = root / dataset / f"RN50_{shots}shots_seed{seed}"
+def fake_results(root: Path, dataset: str, shots: int, seed: int, acc: float, zero: float = 40.0,
+                 backbone: str = "RN50"):
+    folder = root / dataset / f"{backbone}_{shots}shots_seed{seed}"
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"dataset": dataset, "backbone": "RN50", "shots": shots,
+    (folder / "results.json").write_text(json.dumps({"dataset": dataset, "backbone": backbone, "shots": shots,
                                                      "seed": seed, "test_acc": acc, "zero_shot_acc": zero}))
+
+
+def test_summary_puts_backbones_side_by_side(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        fake_results(root, "dtd", 16, seed, 70.0 + seed)
+        fake_results(root, "dtd", 16, seed, 75.0 + seed, zero=45.0, backbone="ViT-B-16")
+    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys)
+    assert code == 0, err
+    md = (tmp_path / "sum" / "summary_all.md").read_text()
+    assert "| backbone | setting | shots | dtd | Average |" in md
+    assert "| RN50 | – | 16 | 71.50 ± 0.71 | 71.50 |" in md and "| ViT-B-16 | – | 16 | 76.50 ± 0.71 | 76.50 |" in md
+    assert "| ViT-B-16 | – | zero-shot | 45.00 ± 0.00 | 45.00 |" in md
+    rows = (tmp_path / "sum" / "summary_all.csv").read_text().splitlines()
+    assert rows[0] == "backbone,group,dataset,shots,runs,mean,std" and "ViT-B-16,ViT-B-16,dtd,16,2,76.5000,0.7071" in rows
+    assert (tmp_path / "sum" / "summary_RN50.md").is_file() and (tmp_path / "sum" / "summary_ViT-B-16.md").is_file()
 
 
 def test_summary_table_csv_and_plot(tmp_path, capsys):

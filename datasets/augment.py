@@ -1,0 +1,144 @@
+"""The training augmentation of doc/method.md §6 on decoded images, a whole batch at a time.
+
+RandomResizedCrop(scale 0.8–1, ratio 3/4–4/3, bicubic with antialiasing) + horizontal flip +
+CLIP's normalisation, as torchvision computes them:
+
+- ``crop_params`` draws each image's crop exactly as torchvision's ``RandomResizedCrop.get_params``
+  does (same generator calls, in the same order), so a seed gives the same crops as ever;
+- ``prepare_batch`` is the host's part — draw the batch's flips and crops, gather the crops
+  (into one pinned buffer when the device is a GPU) — and runs in a background thread while
+  the device trains on the previous batch (``features.LiveSource``);
+- ``PreparedBatch.finish`` is the device's part. The antialiased bicubic resize is separable
+  and linear: for an ``h×w`` crop it is ``W_y · crop · W_xᵀ``, with ``W_y`` (``S×h``) and ``W_x``
+  (``S×w``) the weights torch's antialiasing kernel uses (``resize_weights``, built on the
+  device from the crop sizes). Crops padded to a common size (zero weights on the padding)
+  make the whole batch two batched matrix products — a handful of kernel launches however
+  many images, where resizing image by image costs several launches each. A flip reverses
+  the rows of ``W_x``. On the CPU, torch's own separable resampling kernel is cheaper than
+  the dense products, so there each crop goes through ``F.interpolate``; both compute the
+  same numbers to float rounding (tested).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from utils import autocast
+
+from .loader import CLIP_MEAN, CLIP_STD
+
+CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of doc/method.md §6
+CROP_RATIO = (3 / 4, 4 / 3)
+BICUBIC_A = -0.5                         # torch's antialiased bicubic kernel (Keys, as PIL)
+
+
+def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's sampling (scale 0.8–1, ratio 3/4–4/3, 10 tries, else a centre crop)."""
+    area = height * width
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(*CROP_SCALE, generator=gen).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=gen).item())
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
+            left = torch.randint(0, width - w + 1, (1,), generator=gen).item()
+            return top, left, h, w
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        h, w = height, round(height * CROP_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_weights(in_sizes: torch.Tensor, out_size: int, width: int) -> torch.Tensor:
+    """``B×out_size×width`` weights of torch's antialiased bicubic interpolation along one axis
+    (``F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)``), for inputs of
+    ``in_sizes`` pixels (zero beyond each one's size). Output pixel i takes the taps around
+    ``center = scale·(i + 0.5)`` within ``support = 2·scale`` (2 when upsampling), the kernel
+    stretched by the scale when downsampling, normalised to sum 1 — torch's own recipe."""
+    sizes = in_sizes.to(torch.float32).view(-1, 1, 1)
+    scale = sizes / out_size
+    down = scale >= 1.0
+    support = torch.where(down, 2.0 * scale, torch.full_like(scale, 2.0))
+    inv = torch.where(down, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(out_size, device=in_sizes.device, dtype=torch.float32).view(1, -1, 1) + 0.5)
+    lo = (center - support + 0.5).trunc().clamp(min=0)                    # C's int(): truncation
+    hi = torch.minimum((center + support + 0.5).trunc(), sizes)
+    j = torch.arange(width, device=in_sizes.device, dtype=torch.float32).view(1, 1, -1)
+    x = ((j - center + 0.5) * inv).abs()
+    a = BICUBIC_A
+    taps = torch.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                       torch.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, torch.zeros_like(x)))
+    taps = taps * ((j >= lo) & (j < hi))
+    total = taps.sum(-1, keepdim=True)
+    return taps / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """0–255 pixels (clamped) -> CLIP's normalised input."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels.clamp_(0, 255) - mean) / std
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after the host's work: its crops and flips, ready for the device's."""
+    crops: list[torch.Tensor] | torch.Tensor   # CPU: the crops (views); else B×3×H×W uint8, padded (pinned)
+    sizes: torch.Tensor                        # B×2 crop heights and widths
+    flips: torch.Tensor                        # B bools
+    size: int                                  # the output side S
+
+    def finish(self, device: torch.device, amp: bool = False) -> torch.Tensor:
+        """Resize, flip and normalise on ``device``: ``B×3×S×S`` float32. Under mixed precision
+        on a GPU the two products run in float16 (the trunk reads its input in float16 anyway)."""
+        if isinstance(self.crops, list):   # the CPU: torch's separable kernel, crop by crop
+            out = torch.empty(len(self.crops), 3, self.size, self.size)
+            for i, crop in enumerate(self.crops):
+                pixels = F.interpolate(crop.float().unsqueeze(0), size=(self.size, self.size), mode="bicubic",
+                                       align_corners=False, antialias=True)[0]
+                out[i] = pixels.flip(-1) if self.flips[i] else pixels
+            return normalise(out)
+        crops = self.crops.to(device, non_blocking=True)
+        sizes = self.sizes.to(device, non_blocking=True)
+        flips = self.flips.to(device, non_blocking=True).view(-1, 1, 1)
+        rows = resize_weights(sizes[:, 0], self.size, crops.shape[2])
+        cols = resize_weights(sizes[:, 1], self.size, crops.shape[3])
+        cols = torch.where(flips, cols.flip(1), cols)
+        with autocast(device, amp):
+            out = torch.matmul(torch.matmul(rows.unsqueeze(1), crops.float()), cols.unsqueeze(1).transpose(-1, -2))
+        return normalise(out.float())
+
+
+def prepare_batch(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,
+                  batched: bool | None = None) -> PreparedBatch:
+    """Draw flips and crops for the batch (the per-image transform's generator calls, in its
+    order: the flips, then each image's crop) and gather the crops for ``device``.
+    ``batched``: resize with the batched products (default: on every device but the CPU)."""
+    flips = torch.rand(len(images), generator=gen) < 0.5
+    boxes = [crop_params(img.shape[1], img.shape[2], gen) for img in images]
+    sizes = torch.tensor([[h, w] for _, _, h, w in boxes], dtype=torch.long)
+    crops = [img[:, top:top + h, left:left + w] for img, (top, left, h, w) in zip(images, boxes)]
+    if not (device.type != "cpu" if batched is None else batched):
+        return PreparedBatch(crops, sizes, flips, size)
+    pin = device.type == "cuda"
+    packed = torch.zeros(len(images), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8,
+                         pin_memory=pin)
+    for i, crop in enumerate(crops):
+        packed[i, :, :crop.shape[1], :crop.shape[2]] = crop
+    return PreparedBatch(packed, sizes.pin_memory() if pin else sizes, flips.pin_memory() if pin else flips, size)
+
+
+def augment(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,
+            amp: bool = False) -> torch.Tensor:
+    """doc/method.md §6's training transform on decoded ``3×H×W`` uint8 images: random resized
+    crop (bicubic, antialiased), horizontal flip, CLIP normalisation — on ``device``."""
+    return prepare_batch(images, size, gen, device).finish(device, amp)
