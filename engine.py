@@ -3,6 +3,7 @@
 ``run`` is a short sequence of named phases:
 
     plan_run        which run folder, what is already there (finished, trained, a resume state)
+    make_task       which classes the pool trains on and which it is scored on (the protocol)
     sample_images   the few-shot training set and the validation set
     build_model     frozen CLIP, text classifier, region pool
     train_or_load   train the pool (resuming if a state was saved), or load a trained one
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
                       saved_sample_differs, validation_from_train)
 from datasets.loader import eval_transform, make_loader
-from evaluation import collect_logits, evaluate
+from evaluation import collect_logits, evaluate, evaluate_base2new
 from features import LiveSource, ViewSource, eval_store, live_batches
 from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
 from utils import (SCHEMA, Config, RaftError, check_outside_data, remove_temporaries, resolve_device, set_seed,
@@ -41,11 +43,11 @@ CHECKPOINT_FORMAT = 2
 # evaluation of a checkpoint takes them from the checkpoint, not from the command line.
 # val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
 TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
-                 "descriptions", "templates", "logit_scale", "val_per_class")
+                 "descriptions", "templates", "logit_scale", "val_per_class", "protocol")
 # ... of which these describe the source dataset's classes, not the pool: a transfer uses the target's.
-DATASET_TEXT_KEYS = ("descriptions", "templates")
+SOURCE_ONLY_KEYS = ("descriptions", "templates", "protocol")
 # Already spelled out in the folder name, so never part of its tag.
-NAMED_KEYS = {"backbone", "shots", "seed", "train_views", "name"}
+NAMED_KEYS = {"backbone", "shots", "seed", "train_views", "name", "protocol"}
 MAX_TAG = 64  # longer tags keep their first settings and a hash of all of them
 
 
@@ -84,8 +86,9 @@ def run_tag(cfg: Config, flags: argparse.Namespace) -> str:
 
 def run_name(cfg: Config) -> str:
     views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
+    protocol = "" if cfg.protocol == "fewshot" else f"_{cfg.protocol}"
     tag = f"_{cfg.name}" if cfg.name else ""
-    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{tag}"
+    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{tag}"
 
 
 def run_dir_of(cfg: Config, dataset: str) -> Path:
@@ -93,15 +96,16 @@ def run_dir_of(cfg: Config, dataset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, data: DatasetSplits,
+def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, trained: DatasetSplits,
                     text: torch.Tensor, train_seconds: float, fewshot_sha256: str) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
-    text classifier (predict.py, visualize.py), the dataset it was trained on (evaluating it
-    elsewhere is a transfer), and a re-estimated trunk's BatchNorm statistics."""
+    text classifier of the classes it was trained on (predict.py, visualize.py; the base
+    classes for base-to-new), the dataset (evaluating it elsewhere is a transfer), and a
+    re-estimated trunk's BatchNorm statistics."""
     measured = batchnorm_statistics(clip) if cfg.calibrate_bn else {}
     torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
-                      "backbone": cfg.backbone, "dataset": data.name, "num_classes": data.num_classes,
-                      "classnames": list(data.classnames), "text": text.detach().cpu(),
+                      "backbone": cfg.backbone, "dataset": trained.name, "num_classes": trained.num_classes,
+                      "classnames": list(trained.classnames), "text": text.detach().cpu(),
                       "trunk_batchnorm": measured, "train_seconds": train_seconds,
                       "fewshot_sha256": fewshot_sha256})
 
@@ -148,12 +152,10 @@ def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfe
     class text, for a transfer), its backbone and weights unless the command line gives them."""
     trained, given = ckpt["config"], getattr(flags, "overrides", {})
     keys = [*(k for k in ("backbone", "weights") if k not in given),
-            *(k for k in TRAINING_KEYS if not (transfer and k in DATASET_TEXT_KEYS))]
+            *(k for k in TRAINING_KEYS if not (transfer and k in SOURCE_ONLY_KEYS))]
     changed = {k: trained[k] for k in keys if k in trained and trained[k] != cfg[k]}
-    if not transfer and "num_classes" not in given:
-        changed["num_classes"] = ckpt.get("num_classes")
-    if transfer and "num_classes" not in given:
-        changed["num_classes"] = None  # the target's own classes
+    if "num_classes" not in given and cfg.num_classes is not None:
+        changed["num_classes"] = None  # the classes are checked by name against the checkpoint's (or a transfer's own)
     if changed:
         log.info(f"evaluating with the checkpoint's settings: {changed}")
     return Config(dict(cfg) | changed)
@@ -200,8 +202,7 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
         log = setup_logging(run_dir / "log.txt")
         cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
         check_backbone(ckpt, ckpt_path, cfg)
-        if same:
-            check_same_classes(ckpt, ckpt_path, data)
+        if same:  # its classes are checked against the task's (make_task)
             return RunPlan(cfg, log, run_dir, run_dir / "results_eval.json", ckpt_path, ckpt=ckpt)
         log.info(f"cross-dataset transfer: a pool trained on {source}, evaluated on {data.name}")
         return RunPlan(cfg, log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
@@ -230,24 +231,63 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
 
 
 @dataclass
+class Task:
+    """What a run trains on and what it is scored on (doc/protocols.md). ``train`` is the
+    dataset or its base classes (always the first labels, so their labels need no mapping);
+    ``targets`` are the class sets whose test images are scored, each with its own text."""
+    train: DatasetSplits
+    targets: dict[str, DatasetSplits]
+
+
+def make_task(cfg: Config, data: DatasetSplits, plan: RunPlan) -> Task:
+    """The protocol as data: few-shot (all classes) or base-to-new (base = the first ceil(C/2)
+    labels, new = the rest, each relabelled from 0)."""
+    if cfg.protocol == "base2new" and plan.transfer_from is None:
+        if data.num_classes < 2:
+            raise RaftError(f"protocol base2new needs at least 2 classes; {data.name} has {data.num_classes}")
+        half = math.ceil(data.num_classes / 2)
+        base = data.class_subset(list(range(half)), "base")
+        new = data.class_subset(list(range(half, data.num_classes)), "new")
+        plan.log.info(f"base-to-new: {base.num_classes} base classes (trained, alpha chosen on their val images), "
+                      f"{new.num_classes} new classes (never seen in training)")
+        task = Task(base, {"base": base, "new": new})
+    else:
+        task = Task(data, {"test": data})
+    if plan.ckpt is not None and plan.transfer_from is None:
+        check_same_classes(plan.ckpt, plan.ckpt_path, task.train)
+    return task
+
+
+def in_classes(items: list[Datum], view: DatasetSplits) -> list[Datum]:
+    """The items of ``view``'s classes, in the dataset's own labels (a view of all classes: all)."""
+    if view.parent_labels is None:
+        return items
+    keep = set(view.parent_labels)
+    return [d for d in items if d.label in keep]
+
+
+@dataclass
 class ImageSets:
     train: list[Datum]    # the few-shot training set (empty for a transfer: nothing is trained or chosen)
     val: list[Datum]
     val_source: str | None
 
 
-def sample_images(cfg: Config, data: DatasetSplits, plan: RunPlan) -> ImageSets:
-    """The few-shot training set, and a validation set drawn from train if the dataset has none."""
+def sample_images(cfg: Config, data: DatasetSplits, task: Task, plan: RunPlan) -> ImageSets:
+    """The few-shot training set, and a validation set drawn from train if the dataset has none.
+    Base-to-new samples every class, then keeps the base classes' images, as CoCoOp's code does
+    (so seed 1 trains on the same images)."""
     if plan.transfer_from is not None:  # alpha comes from the source run: no target label chooses anything
         return ImageSets([], [], None)
-    train = few_shot(data.train, cfg.shots, cfg.seed, data.num_classes)
+    train = in_classes(few_shot(data.train, cfg.shots, cfg.seed, data.num_classes), task.train)
     check_same_sample(plan, train, data, cfg)
-    val, source = data.val, "split"
+    val, source = in_classes(data.val, task.train), "split"
     if not val and cfg.val_per_class > 0:
-        val = validation_from_train(data.train, cfg.val_per_class, cfg.seed, data.classnames, {d.path for d in train})
+        val = validation_from_train(in_classes(data.train, task.train), cfg.val_per_class, cfg.seed,
+                                    task.train.classnames, {d.path for d in train})
         source = "train images outside the few-shot set"
-    plan.log.info(f"{data.name}: {data.num_classes} classes, few-shot train {len(train)} ({cfg.shots} shots), "
-                  f"val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
+    plan.log.info(f"{data.name}: {task.train.num_classes} classes trained, few-shot train {len(train)} "
+                  f"({cfg.shots} shots), val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
     return ImageSets(train, val, source if val else None)
 
 
@@ -271,11 +311,13 @@ def check_same_sample(plan: RunPlan, train: list[Datum], data: DatasetSplits, cf
 @dataclass
 class Model:
     clip: FrozenCLIP
-    text: torch.Tensor           # D × (C+1): class columns, then the background column
+    text: torch.Tensor           # D × (C+1) of the trained classes: class columns, then the background column
     pool: torch.nn.Module        # RegionAttentionPool (ResNet) or ViTRegionPool
+    target_text: dict[str, torch.Tensor]   # the same for each scored class set
 
 
-def build_model(cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan, device: torch.device) -> Model:
+def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
+                device: torch.device) -> Model:
     log = plan.log
     clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
     if plan.ckpt is not None and plan.ckpt.get("trunk_batchnorm"):  # measured in training: not read again
@@ -283,16 +325,16 @@ def build_model(cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPl
         log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
     elif cfg.calibrate_bn:
         calibrate_on(clip, images.train, cfg, device, log)
-    text = build_text(clip, data, cfg, log).to(device)
+    texts = {id(view): build_text(clip, view, cfg, log).to(device) for view in (task.train, *task.targets.values())}
     pool = clip.region_pool(cfg.mask_bg_in_cls).to(device)
     log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): {clip.spec.what} "
              f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding {clip.embed_dim}, "
              f"{pool.num_heads} heads, {sum(p.numel() for p in pool.parameters() if p.requires_grad):,} "
              f"trainable parameters")
-    return Model(clip, text, pool)
+    return Model(clip, texts[id(task.train)], pool, {name: texts[id(view)] for name, view in task.targets.items()})
 
 
-def train_or_load(model: Model, cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan,
+def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
                   device: torch.device, use_amp: bool) -> float | None:
     """Train the region pool (resuming a saved state), or load the checkpoint's; the training seconds."""
     log = plan.log
@@ -316,50 +358,63 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, images: ImageS
     prepare_seconds = time.perf_counter() - start
     stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]
-    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, data, model.text, train_seconds,
+    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
                     sample_digest(images.train, data.image_root or data.root))
     plan.state_path.unlink(missing_ok=True)
     log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
     return train_seconds
 
 
-def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, images: ImageSets, plan: RunPlan,
+def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
                  device: torch.device, use_amp: bool) -> dict:
-    """Logits once per split (trunk features from the cache when enabled), then the alpha search."""
+    """Logits once per split (trunk features of the whole split from the cache when enabled,
+    shared by every protocol), then alpha from validation data and the scores."""
     skipped: dict[str, list[str]] = {}
 
-    def logits_of(items, split):
+    def logits_of(items: list[Datum], split: str, view: DatasetSplits, text: torch.Tensor):
+        """Logits of the images of ``view``'s classes among ``items``, labels mapped to the view's."""
         skip = cfg.bad_images == "skip"
+        keep = view.parent_labels
         if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
             store = eval_store(model.clip, items, cfg.cache_dir, f"{data.name}_{split}", cfg.eval_batch_size,
                                cfg.num_workers, device, use_amp, skip_bad=skip)
             skipped[split] = store.skipped
-            batches = store.batches(cfg.eval_batch_size, device)
+            rows = None if keep is None else torch.nonzero(torch.isin(store.labels, torch.tensor(keep))).flatten()
+            batches = store.batches(cfg.eval_batch_size, device, order=rows)
         else:
             skipped[split] = []
-            batches = live_batches(model.clip, items, eval_transform(model.clip.image_size), cfg.eval_batch_size,
-                                   cfg.num_workers, device, use_amp, skipped[split] if skip else None)
-        logits = collect_logits(model.pool, model.text, batches, device, use_amp, split, cfg.logit_scale)
+            batches = live_batches(model.clip, in_classes(items, view), eval_transform(model.clip.image_size),
+                                   cfg.eval_batch_size, cfg.num_workers, device, use_amp, skipped[split] if skip else None)
+        logits = collect_logits(model.pool, text, batches, device, use_amp, split, cfg.logit_scale)
         if not len(logits.labels):
-            raise RaftError(f"no readable {split} images")
+            raise RaftError(f"no readable {split} images{'' if keep is None else f' of the {view.part} classes'}")
+        if keep is not None:
+            lut = torch.full((data.num_classes,), -1, dtype=torch.long)
+            lut[torch.tensor(keep)] = torch.arange(len(keep))
+            logits = logits._replace(labels=lut[logits.labels])
         return logits
 
-    val_logits = logits_of(images.val, "val") if images.val else None
-    test_logits = logits_of(data.test, "test")
-    shift_logits = {}
-    for name, shift in data.shift_sets.items():
-        logits = logits_of(shift.items, name)
+    val_items = data.val if images.val_source == "split" else images.val
+    val = logits_of(val_items, "val", task.train, model.text) if images.val else None
+    scored = {name: logits_of(data.test, "test", view, model.target_text[name])
+              for name, view in task.targets.items()}
+    shifts = {}
+    for name, shift in data.shift_sets.items() if "test" in scored else ():
+        logits = logits_of(shift.items, name, data, model.text)
         if shift.class_subset is not None:  # 200-class variants: restrict to their classes
             logits = logits.restrict(shift.class_subset, data.num_classes)
-        shift_logits[name] = logits
-    if plan.transfer_from is None:
-        metrics = evaluate(val_logits, test_logits, cfg, shift_logits)
-    else:
+        shifts[name] = logits
+    if plan.transfer_from is not None:
         alpha, alpha_source = source_alpha(plan, cfg)
-        metrics = evaluate(None, test_logits, Config(dict(cfg) | {"alpha": alpha}), shift_logits)
+        metrics = evaluate(None, scored["test"], Config(dict(cfg) | {"alpha": alpha}), shifts)
         metrics["alpha_source"] = alpha_source
-    sizes = {"train": len(images.train), "val": len(val_logits.labels) if val_logits else 0,
-             "test": len(test_logits.labels)}
+    elif "test" in scored:
+        metrics = evaluate(val, scored["test"], cfg, shifts)
+    else:
+        metrics = evaluate_base2new(val, scored["base"], scored["new"], cfg,
+                                    {name: view.num_classes for name, view in task.targets.items()})
+    sizes = {"train": len(images.train), "val": len(val.labels) if val else 0,
+             "test": sum(len(logits.labels) for logits in scored.values())}
     return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source}
 
 
@@ -386,8 +441,8 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "val_source": evaluation["val_source"],
         **({"split_file": str(data.split_file)} if data.split_file else {}),
         **({"split": data.split_record()} if data.split_record() else {}),
-        **({"protocol": "cross_dataset", "source": {"dataset": plan.transfer_from,
-                                                    "checkpoint": str(plan.ckpt_path)}}
+        "protocol": "cross_dataset" if plan.transfer_from is not None else cfg.protocol,
+        **({"source": {"dataset": plan.transfer_from, "checkpoint": str(plan.ckpt_path)}}
            if plan.transfer_from is not None else {}),
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
@@ -403,16 +458,21 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
              f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
              f"[oracle {results['oracle']['test_acc']:.2f}% at alpha={results['oracle']['alpha']:.2f}]  "
              f"cos(v_cls, v_bg) {results['cls_bg_cosine']:.4f}")
-    for name, r in results.get("shift", {}).items():
-        log.info(f"{name}: RAFT {r['test_acc']:.2f}%  zero-shot {r['zero_shot_acc']:.2f}%")
+    for name, r in (results.get("shift", {}) | results.get("base2new", {})).items():
+        if isinstance(r, dict):
+            log.info(f"{name}: RAFT {r['test_acc']:.2f}%  zero-shot {r['zero_shot_acc']:.2f}%")
     if any(skipped.values()):
         log.warning(f"skipped unreadable images: { {k: len(v) for k, v in skipped.items() if v} }")
     log.info(f"results: {plan.results_path}")
     results["run_dir"] = str(plan.run_dir)
     what = (f"{plan.transfer_from} -> {data.name}" if plan.transfer_from is not None else data.name)
-    print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot {results['zero_shot_acc']:.2f}% "
-          f"-> RAFT {results['test_acc']:.2f}% (alpha {results['alpha']:.2f} from {results['alpha_source']}); "
-          f"results in {plan.results_path}")
+    scores = (f"zero-shot {results['zero_shot_acc']:.2f}% -> RAFT {results['test_acc']:.2f}%"
+              if "base2new" not in results else
+              "base {0:.2f}% new {1:.2f}% HM {2:.2f}% (zero-shot HM {3:.2f}%)".format(
+                  results["base2new"]["base"]["test_acc"], results["base2new"]["new"]["test_acc"],
+                  results["test_acc"], results["zero_shot_acc"]))
+    print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}{' base-to-new' if 'base2new' in results else ''}: "
+          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}); results in {plan.results_path}")
     return results
 
 
@@ -433,11 +493,12 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
         raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
                         f"has {data.num_classes} classes")
-    images = sample_images(cfg, data, plan)
-    model = build_model(cfg, data, images, plan, device)
-    train_seconds = train_or_load(model, cfg, data, images, plan, device, use_amp)
+    task = make_task(cfg, data, plan)
+    images = sample_images(cfg, data, task, plan)
+    model = build_model(cfg, data, task, images, plan, device)
+    train_seconds = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
     start = time.perf_counter()
-    evaluation = evaluate_run(model, cfg, data, images, plan, device, use_amp)
+    evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
     return write_results(cfg, data, plan, evaluation, train_seconds, time.perf_counter() - start, device)
 
 

@@ -98,5 +98,39 @@ def evaluate(val: SplitLogits | None, test: SplitLogits, cfg: Config,
     for name, logits in (shifts or {}).items():
         summary = summarise(alphas, alpha, logits)
         summary.pop("curve")
-        out.setdefault("shift", {})[name] = summary | {"size": len(logits.labels)}
+        out.setdefault("shift", {})[name] = summary | {"size": len(logits.labels), "num_classes": logits.cls.shape[1]}
+    return out
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def evaluate_base2new(val: SplitLogits | None, base: SplitLogits, new: SplitLogits, cfg: Config,
+                      num_classes: dict[str, int]) -> dict:
+    """Base-to-new (doc/protocols.md): alpha from the base classes' validation data; the same
+    pool and alpha scored on the base classes' test images and on the new classes', each with
+    its own text matrix. The result is the harmonic mean of the two test accuracies."""
+    out = evaluate(val, base, cfg)
+    alphas, alpha = out["alpha_curve"]["alphas"], out["alpha"]
+    parts = {"base": {k: out.pop(k) for k in ("test_acc", "zero_shot_acc", "finetuned_acc", "oracle",
+                                                "cls_bg_cosine")}}
+    curves = {"base": out["alpha_curve"].pop("test")}
+    parts["new"] = summarise(alphas, alpha, new)
+    curves["new"] = parts["new"].pop("curve")
+    for name, logits in (("base", base), ("new", new)):
+        parts[name] |= {"size": len(logits.labels), "num_classes": num_classes[name]}
+    hm = harmonic_mean(parts["base"]["test_acc"], parts["new"]["test_acc"])
+    curves["hm"] = [harmonic_mean(b, n) for b, n in zip(curves["base"], curves["new"])]
+    oracle = max(range(len(alphas)), key=lambda i: (curves["hm"][i], -i))
+    out.update({
+        "test_acc": hm,
+        "zero_shot_acc": harmonic_mean(parts["base"]["zero_shot_acc"], parts["new"]["zero_shot_acc"]),
+        "finetuned_acc": harmonic_mean(parts["base"]["finetuned_acc"], parts["new"]["finetuned_acc"]),
+        "oracle": {"alpha": alphas[oracle], "test_acc": curves["hm"][oracle],
+                   "note": "alpha picked on test labels (by HM): an upper bound, never the reported result"},
+        "cls_bg_cosine": parts["base"]["cls_bg_cosine"],
+        "base2new": {"base": parts["base"], "new": parts["new"], "hm": hm},
+    })
+    out["alpha_curve"] |= curves
     return out

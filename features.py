@@ -93,7 +93,8 @@ class FeatureStore:
         """Rows ``offset + order`` (or all, in order) as float tensors on ``device``. A background
         thread reads the next batches from the memory maps (into pinned memory for a GPU) while
         the current one is used."""
-        count = len(self) - offset if count is None else count
+        if count is None:
+            count = len(self) - offset if order is None else len(order)
         index = torch.arange(count) if order is None else order
         pin = device.type == "cuda"
 

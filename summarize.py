@@ -7,8 +7,11 @@ Rows are shot counts (and zero-shot CLIP), columns the datasets and their averag
 are mean ± std (sample std) over seeds. Missing runs are gaps, never zeros; the average is
 given only for rows where every dataset of the table has a number. Runs of different
 backbones or settings (``train_views``, a run-folder tag such as ``lr=0.0002``) get separate
-tables, suffixed with their name. ImageNet runs tested on shift sets add a distribution-shift
-table (ImageNet, each variant, the variants' average).
+tables, suffixed with their name (and side by side in summary_all.md). The protocols of
+doc/protocols.md add their tables: base-to-new (base / new / HM per dataset), cross-dataset
+transfer (transfer_<dataset>.json beside a source run) and domain generalisation (ImageNet
+runs tested on its variants, from results.json or results_eval.json). Each table is also a
+CSV file.
 """
 from __future__ import annotations
 
@@ -36,21 +39,46 @@ def group_of(run_dir: Path) -> str:
     return re.sub(r"_\d+shots_seed\d+", "", run_dir.name)
 
 
-def collect(root: Path) -> dict[str, list[dict]]:
-    """results.json files under ``root``, grouped by backbone and settings."""
-    groups: dict[str, list[dict]] = defaultdict(list)
+def read_results(path: Path) -> dict | None:
+    try:
+        r = json.loads(path.read_text())
+        float(r["test_acc"]), float(r["zero_shot_acc"]), int(r["shots"]), r["dataset"], r["backbone"]
+        return r
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        print(f"skipping {path}: not a RAFT results file ({type(exc).__name__})", file=sys.stderr)
+        return None
+
+
+def shift_of(r: dict) -> dict:
+    return {k: (float(v["test_acc"]), float(v["zero_shot_acc"])) for k, v in (r.get("shift") or {}).items()}
+
+
+def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
+    """results.json files under ``root`` (and beside them the domain-shift evaluations in
+    results_eval.json and the transfers in transfer_<dataset>.json), grouped by backbone and
+    settings, then by protocol."""
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"fewshot": [], "base2new": [], "transfer": []})
     for path in sorted(root.rglob("results.json")):
-        try:
-            r = json.loads(path.read_text())
-            row = {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"],
-                   "acc": float(r["test_acc"]), "zero_shot": float(r["zero_shot_acc"]),
-                   "backbone": r["backbone"],
-                   "shift": {k: (float(v["test_acc"]), float(v["zero_shot_acc"]))
-                             for k, v in (r.get("shift") or {}).items()}}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            print(f"skipping {path}: not a RAFT results file ({type(exc).__name__})", file=sys.stderr)
+        r = read_results(path)
+        if r is None:
             continue
-        groups[group_of(path.parent)].append(row)
+        row = {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"], "acc": float(r["test_acc"]),
+               "zero_shot": float(r["zero_shot_acc"]), "backbone": r["backbone"], "shift": shift_of(r)}
+        group = groups[group_of(path.parent)]
+        if r.get("protocol") == "base2new":
+            parts = r["base2new"]
+            group["base2new"].append(row | {part: (float(parts[part]["test_acc"]), float(parts[part]["zero_shot_acc"]))
+                                            for part in ("base", "new")})
+            continue
+        evaluated = path.parent / "results_eval.json"   # e.g. scripts/domain_generalization.sh
+        if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
+            row["shift"] = shift_of(again)
+        group["fewshot"].append(row)
+        for transfer in sorted(path.parent.glob("transfer_*.json")):
+            t = read_results(transfer)
+            if t is not None:
+                group["transfer"].append(row | {"target": t["dataset"], "target_acc": float(t["test_acc"]),
+                                                "target_zero_shot": float(t["zero_shot_acc"])})
     return groups
 
 
@@ -211,6 +239,81 @@ def shift_csv(table: dict, group: str) -> str:
     return buf.getvalue()
 
 
+def cell_text(values: list[float]) -> str:
+    return fmt(mean_std(values)) if values else "–"
+
+
+def csv_rows(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def base2new_tables(rows: list[dict], group: str) -> tuple[str, str]:
+    """Base / new / HM per dataset (RAFT and zero-shot CLIP), mean ± std over seeds, and the
+    average over the eleven datasets once all of them are there."""
+    from evaluation import harmonic_mean
+    datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
+    per = {d: [r for r in rows if r["dataset"] == d] for d in datasets}
+    lines = [f"### RAFT, {group}: base-to-new generalisation ({len(rows)} runs)", "",
+             "| dataset | base | new | HM | zero-shot base | zero-shot new | zero-shot HM |",
+             "|---|---|---|---|---|---|---|"]
+    table, means = [], {}
+    for d in datasets:
+        runs = per[d]
+        cols = [[r["base"][0] for r in runs], [r["new"][0] for r in runs],
+                [harmonic_mean(r["base"][0], r["new"][0]) for r in runs],
+                [r["base"][1] for r in runs], [r["new"][1] for r in runs],
+                [harmonic_mean(r["base"][1], r["new"][1]) for r in runs]]
+        means[d] = [statistics.fmean(c) for c in cols]
+        lines.append(f"| {d} | " + " | ".join(cell_text(c) for c in cols) + " |")
+        table.append([group, d, len(runs), *(f"{m:.4f}" for m in means[d])])
+    complete = set(DATASET_ORDER) <= set(datasets)
+    if complete:
+        avg = [statistics.fmean(means[d][i] for d in DATASET_ORDER) for i in range(6)]
+        avg[2], avg[5] = harmonic_mean(avg[0], avg[1]), harmonic_mean(avg[3], avg[4])   # HM of the averages
+        lines.append("| **Average (11)** | " + " | ".join(f"{a:.2f}" for a in avg) + " |")
+        table.append([group, "average", "", *(f"{a:.4f}" for a in avg)])
+    lines += ["", "Test top-1 accuracy (%), mean ± std over seeds; HM = harmonic mean of base and new "
+                  "(per run; the average row takes the HM of the averaged base and new, as papers report). "
+                  + ("" if complete else f"The 11-dataset average appears once all 11 datasets have runs "
+                                         f"({len(set(datasets) & set(DATASET_ORDER))} so far)."),
+              "Published averages (ViT-B/16, 16 shots), base / new / HM: CLIP 69.34 / 74.22 / 71.70 · "
+              "CoCoOp 80.47 / 71.69 / 75.83 · MaPLe 82.28 / 75.14 / 78.55 (doc/protocols.md)."]
+    header = ["group", "dataset", "runs", "base", "new", "hm", "zero_shot_base", "zero_shot_new", "zero_shot_hm"]
+    return "\n".join(lines) + "\n", csv_rows(header, table)
+
+
+def transfer_tables(rows: list[dict], group: str) -> tuple[str, str]:
+    """Cross-dataset transfer: the source's own accuracy, each target's, and the targets'
+    average (given when every run has every target)."""
+    sources = ordered((r["dataset"] for r in rows), DATASET_ORDER)
+    lines, table = [], []
+    for source in sources:
+        runs = [r for r in rows if r["dataset"] == source]
+        targets = ordered((r["target"] for r in runs), DATASET_ORDER)
+        seeds = sorted({r["seed"] for r in runs}, key=str)
+        source_accs = [next(r["acc"] for r in runs if r["seed"] == s) for s in seeds]
+        cells = {t: [r["target_acc"] for r in runs if r["target"] == t] for t in targets}
+        per_seed = [[r["target_acc"] for r in runs if r["seed"] == s] for s in seeds]
+        full = all(len(accs) == len(targets) for accs in per_seed)
+        average = [statistics.fmean(accs) for accs in per_seed] if full else []
+        lines += [f"### RAFT, {group}: cross-dataset transfer from {source} ({len(seeds)} source run(s))", "",
+                  f"| source: {source} | " + " | ".join(targets) + " | target average |",
+                  "|---|" + "---|" * (len(targets) + 1),
+                  f"| {cell_text(source_accs)} | " + " | ".join(cell_text(cells[t]) for t in targets)
+                  + f" | {cell_text(average)} |", ""]
+        table += [[group, source, source, len(source_accs), f"{statistics.fmean(source_accs):.4f}"]]
+        table += [[group, source, t, len(cells[t]), f"{statistics.fmean(cells[t]):.4f}"] for t in targets]
+        if average:
+            table.append([group, source, "target_average", len(average), f"{statistics.fmean(average):.4f}"])
+    lines += ["Test top-1 accuracy (%), mean ± std over source seeds; each target scored at the source run's "
+              "alpha. Published (ViT-B/16): MaPLe source 70.72, target average 66.30 (doc/protocols.md)."]
+    return "\n".join(lines) + "\n", csv_rows(["group", "source", "test_set", "runs", "mean"], table)
+
+
 def plot(table: dict, title: str, path: Path) -> None:
     """Accuracy vs shots: a line per dataset (error bars: std over seeds), the average in
     black, zero-shot CLIP as a dashed line of the same colour."""
@@ -263,31 +366,41 @@ def main(argv: list[str] | None = None):
         raise RaftError(f"no results.json under {root}")
     out = Path(args.out) if args.out else root
     out.mkdir(parents=True, exist_ok=True)
-    tables = {group: build_table(rows) for group, rows in groups.items()}
-    if len(groups) > 1:  # backbones (and settings) side by side, the backbone as a column
-        backbones = {group: rows[0]["backbone"] for group, rows in groups.items()}
+    fewshot = {group: rows["fewshot"] for group, rows in groups.items() if rows["fewshot"]}
+    tables = {group: build_table(rows) for group, rows in fewshot.items()}
+    if len(fewshot) > 1:  # backbones (and settings) side by side, the backbone as a column
+        backbones = {group: rows[0]["backbone"] for group, rows in fewshot.items()}
         md = combined_markdown(tables, backbones)
         write_text(out / "summary_all.md", md)
         write_text(out / "summary_all.csv", combined_csv(tables, backbones))
         print(md)
         print(f"written to {out}: summary_all.md, summary_all.csv\n")
-    for group, rows in sorted(groups.items()):
+    for group, protocols in sorted(groups.items()):
         suffix = "" if len(groups) == 1 else f"_{group}"
-        table = tables[group]
-        md = markdown(table, f"RAFT, {group}: {len(rows)} runs")
-        written = [f"summary{suffix}.md", f"summary{suffix}.csv"]
-        write_text(out / f"summary{suffix}.csv", csv_text(table, group))
-        shifts = shift_table(rows)
-        if shifts is not None:
-            md += "\n" + shift_markdown(shifts, f"RAFT, {group}: distribution shift")
-            write_text(out / f"summary{suffix}_shift.csv", shift_csv(shifts, group))
-            written.append(f"summary{suffix}_shift.csv")
+        md, written = "", []
+        rows = protocols["fewshot"]
+        if rows:
+            md += markdown(tables[group], f"RAFT, {group}: {len(rows)} runs")
+            write_text(out / f"summary{suffix}.csv", csv_text(tables[group], group))
+            written.append(f"summary{suffix}.csv")
+            shifts = shift_table(rows)
+            if shifts is not None:
+                md += "\n" + shift_markdown(shifts, f"RAFT, {group}: domain generalisation (ImageNet's variants)")
+                write_text(out / f"summary{suffix}_shift.csv", shift_csv(shifts, group))
+                written.append(f"summary{suffix}_shift.csv")
+            if not args.no_plot:
+                plot(tables[group], f"RAFT, {group}", out / f"summary{suffix}.png")
+                written.append(f"summary{suffix}.png")
+        for protocol, tabulate in (("base2new", base2new_tables), ("transfer", transfer_tables)):
+            if protocols[protocol]:
+                text, table = tabulate(protocols[protocol], group)
+                md += ("\n" if md else "") + text
+                name = f"summary{suffix}_{protocol}.csv" if rows else f"summary{suffix}.csv"  # a group's own table
+                write_text(out / name, table)
+                written.append(name)
         write_text(out / f"summary{suffix}.md", md)
         print(md)
-        if not args.no_plot:
-            plot(table, f"RAFT, {group}", out / f"summary{suffix}.png")
-            written.append(f"summary{suffix}.png")
-        print(f"written to {out}: {', '.join(written)}\n")
+        print(f"written to {out}: {', '.join([f'summary{suffix}.md', *written])}\n")
     return 0
 
 

@@ -41,6 +41,7 @@ class Key:
     nullable: bool = False
     check: Callable[[Any], bool] | None = None
     rule: str = ""          # what `check` demands, for the error message
+    choices: tuple = ()     # the valid values, when there is a fixed list
 
 
 def _positive(v):
@@ -66,7 +67,10 @@ SCHEMA: dict[str, Key] = {
     "quick_gelu": Key((bool,), True, "QuickGELU in the text tower; OpenAI weights need it"),
     "calibrate_bn": Key((bool,), False, "re-estimate the trunk's BatchNorm statistics on the training images "
                                         "(only for randomly initialised backbones)"),
-    # few-shot protocol
+    # protocol (doc/protocols.md)
+    "protocol": Key((str,), "fewshot", "'fewshot': train and test on all classes (the paper's protocol); "
+                                       "'base2new': train on the base half of the classes, test on base and new "
+                                       "classes (CoCoOp's protocol)", choices=("fewshot", "base2new")),
     "shots": Key((int,), 16, "training images per class", False, _positive, "> 0"),
     "seed": Key((int,), 1, "seed of the few-shot sample, the data order and the augmentations"),
     "val_per_class": Key((int,), 4, "datasets without a val split (ImageNet, folders without val/): "
@@ -105,7 +109,7 @@ SCHEMA: dict[str, Key] = {
     # machinery
     "bad_images": Key((str,), "fail", "an unreadable val/test image: 'fail' (stop, naming it) or 'skip' "
                                       "(leave it out, counted in results.json); training images always fail",
-                      False, lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+                      choices=("fail", "skip")),
     "save_every": Key((float,), 60.0, "seconds between saved training states for resuming (saved after an "
                                       "epoch; 0 = after every epoch)", False, _non_negative, ">= 0"),
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
@@ -185,6 +189,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     ok = isinstance(value, key.types) and not (expected in (int, float) and isinstance(value, bool))
     if not ok:
         raise RaftError(f"config key '{name}' expects {expected.__name__}, got {value!r} ({source}): {key.help}")
+    if key.choices and value not in key.choices:
+        hint = difflib.get_close_matches(str(value), key.choices, n=1, cutoff=0.0)
+        names = [repr(c) for c in key.choices]
+        allowed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise RaftError(f"config key '{name}' must be {allowed}, got {value!r} ({source}; did you mean {hint[0]!r}?)")
     if key.check is not None and not key.check(value):
         raise RaftError(f"config key '{name}' must be {key.rule}, got {value!r} ({source})")
     return value

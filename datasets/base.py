@@ -35,10 +35,26 @@ class DatasetSplits:
     split_file: Path | None = None  # the file(s) that define the split, for the record
     extra_split_files: list[Path] = field(default_factory=list)  # FGVC: one text file per split
     image_root: Path | None = None  # the folder the split file's paths are relative to (default: root)
+    parent_labels: list[int] | None = None  # a class subset's original labels (base-to-new), else None
+    part: str | None = None                 # that subset's name: 'base' or 'new'
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def class_subset(self, labels: list[int], part: str) -> "DatasetSplits":
+        """The dataset restricted to the classes ``labels`` (original ids), relabelled 0…k-1 in
+        that order (base-to-new: ``part`` is 'base' or 'new'); ``parent_labels`` keeps the ids."""
+        remap = {old: new for new, old in enumerate(labels)}
+
+        def keep(items: list[Datum]) -> list[Datum]:
+            return [Datum(d.path, remap[d.label], d.classname) for d in items if d.label in remap]
+
+        view = DatasetSplits(self.name, self.root, [self.classnames[i] for i in labels], self.templates,
+                             keep(self.train), keep(self.val), keep(self.test), split_file=self.split_file,
+                             extra_split_files=self.extra_split_files, image_root=self.image_root)
+        view.parent_labels, view.part = list(labels), part
+        return view
 
     def split_record(self) -> dict | None:
         """What a reader needs to confirm which split a run used: each split file's path and

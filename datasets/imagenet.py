@@ -33,13 +33,14 @@ IMAGENET_TEMPLATES = [
 class ShiftLayout:
     folder: str       # the dataset's usual folder name (data_path may be it or its parent)
     labels: str       # "index": folders 0..999; "wnid": folders named by WordNet id
+    subset: bool      # a class subset (scored over its own classes only) or all of ImageNet's
 
 
 SHIFT_LAYOUTS = {
-    "imagenet_v2": ShiftLayout("imagenetv2-matched-frequency-format-val", "index"),
-    "imagenet_sketch": ShiftLayout("sketch", "wnid"),
-    "imagenet_a": ShiftLayout("imagenet-a", "wnid"),
-    "imagenet_r": ShiftLayout("imagenet-r", "wnid"),
+    "imagenet_v2": ShiftLayout("imagenetv2-matched-frequency-format-val", "index", subset=False),
+    "imagenet_sketch": ShiftLayout("sketch", "wnid", subset=False),
+    "imagenet_a": ShiftLayout("imagenet-a", "wnid", subset=True),      # 200 classes
+    "imagenet_r": ShiftLayout("imagenet-r", "wnid", subset=True),      # 200 classes
 }
 
 
@@ -108,5 +109,6 @@ def read_shift_set(kind: str, path: str | Path, wnids: list[str], names: list[st
         items.extend(Datum(str(p), label, names[label]) for p in list_images(class_dir))
     if not items:
         raise RaftError(f"{kind}: no images under {folder}")
-    covered = sorted({d.label for d in items})
-    return ShiftSet(items, None if len(covered) == len(wnids) else covered)
+    # -A and -R are scored over the classes they have (their 200); -V2 and -Sketch over all of
+    # ImageNet's, even if a class folder is missing (an incomplete copy is not a subset)
+    return ShiftSet(items, sorted({d.label for d in items}) if layout.subset else None)

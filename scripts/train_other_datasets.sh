@@ -11,6 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 positional=()
 while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-ALL="caltech101 dtd eurosat fgvc food101 oxford_flowers oxford_pets stanford_cars sun397 ucf101"
-exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-$ALL}}" "${positional[1]:-${SHOTS:-16}}" \
+source scripts/common.sh
+exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-$ALL_COOP}}" "${positional[1]:-${SHOTS:-16}}" \
   "${positional[2]:-${SEEDS:-1}}" "$@"

@@ -1,0 +1,219 @@
+"""The generalisation protocols (doc/protocols.md): base-to-new, cross-dataset transfer, domain
+generalisation — on throw-away trees built from the real split files, with the tiny CLIP."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, cli, one_line_error, shared_fixture
+from datasets import read_coop_dataset
+from evaluation import harmonic_mean
+
+FAST = ["--backbone", "tiny-rn", "--weights", "null", "--calibrate_bn", "true", "--descriptions", "null",
+        "--train_epoch", "2", "--warmup_epoch", "1", "--batch_size", "32", "--num_workers", "0", "--lr", "3e-3",
+        "--shots", "2", "--name", ""]
+
+
+def small_tree(root, dataset, split_file, per_class=(2, 1, 2), seed=0):
+    """The real split file cut to a few images per class (same classes, labels and names),
+    with small generated images: the reader, the class split and the protocols are the real ones."""
+    rows = json.loads(shared_fixture("coop_splits", split_file).read_text())
+    rng = np.random.default_rng(seed)
+    image_dir = {"oxford_pets": "images", "dtd": "images"}[dataset]
+    cut = {}
+    for split, n in zip(("train", "val", "test"), per_class):
+        seen, kept = {}, []
+        for path, label, name in rows[split]:
+            if seen.get(label, 0) < n:
+                seen[label] = seen.get(label, 0) + 1
+                kept.append([path, label, name])
+                target = root / image_dir / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                colour = np.array([(label * 53) % 255, (label * 97) % 255, (label * 29) % 255], dtype=np.float32)
+                pixels = np.clip(colour + rng.normal(0, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(target, quality=85)
+        cut[split] = kept
+    (root / split_file).write_text(json.dumps(cut))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory):
+    return small_tree(tmp_path_factory.mktemp("pets"), "oxford_pets", "split_zhou_OxfordPets.json")
+
+
+@pytest.fixture(scope="module")
+def dtd47(tmp_path_factory):
+    return small_tree(tmp_path_factory.mktemp("dtd47"), "dtd", "split_zhou_DescribableTextures.json")
+
+
+def args(dataset, root, tmp_path, *extra):
+    return ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), "--data_path", str(root),
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), *FAST, *extra]
+
+
+@pytest.mark.parametrize("dataset,fixture,base,new", [("oxford_pets", "pets", 19, 18), ("dtd", "dtd47", 24, 23)])
+def test_class_split_relabelling_and_test_partition(dataset, fixture, base, new, request):
+    import engine
+    from utils import build_config
+    data = read_coop_dataset(dataset, request.getfixturevalue(fixture))
+    cfg = build_config(None, {"dataset": dataset, "data_path": "x", "protocol": "base2new"})
+    task = engine.make_task(cfg, data, engine.RunPlan(cfg, __import__("logging").getLogger("t"), *[None] * 3))
+    b, n = task.targets["base"], task.targets["new"]
+    assert (b.num_classes, n.num_classes) == (base, new) and task.train is b
+    assert b.classnames == data.classnames[:base] and n.classnames == data.classnames[base:]
+    assert sorted({d.label for d in n.test}) == list(range(new))              # relabelled from 0
+    assert all(n.classnames[d.label] == d.classname for d in n.test)
+    assert {d.path for d in b.test}.isdisjoint({d.path for d in n.test})
+    assert sorted(d.path for d in b.test + n.test) == sorted(d.path for d in data.test)   # a partition
+
+
+def test_base_to_new_run(pets, tmp_path, capsys):
+    code, out, err = cli(args("oxford_pets", pets, tmp_path, "--protocol", "base2new"), capsys)
+    assert code == 0, err
+    run = tmp_path / "out" / "oxford_pets" / "tiny-rn_2shots_seed1_base2new"
+    r = json.loads((run / "results.json").read_text())
+    parts = r["base2new"]
+    assert r["protocol"] == "base2new"
+    assert (parts["base"]["num_classes"], parts["new"]["num_classes"]) == (19, 18)
+    assert (parts["base"]["size"], parts["new"]["size"]) == (38, 36) and r["sizes"]["test"] == 74
+    assert r["test_acc"] == pytest.approx(harmonic_mean(parts["base"]["test_acc"], parts["new"]["test_acc"]))
+    assert parts["hm"] == r["test_acc"] and r["alpha_source"] == "val"
+    assert r["sizes"]["val"] == 19                                           # base classes' val images only
+    trained = json.loads((run / "fewshot.json").read_text())["items"]
+    assert len(trained) == 38 and {row[1] for row in trained} == set(range(19))
+    assert "base 2" not in out and "HM" in out
+
+
+def test_transfer_uses_the_targets_classes_and_the_sources_alpha(pets, dtd47, tmp_path, capsys):
+    assert cli(args("oxford_pets", pets, tmp_path), capsys)[0] == 0
+    source = tmp_path / "out" / "oxford_pets" / "tiny-rn_2shots_seed1"
+    ckpt = str(source / "checkpoint.pt")
+    common = ["--config", str(ROOT / "configs/dtd.yaml"), "--data_path", str(dtd47), "--cache_dir",
+              str(tmp_path / "cache"), "--num_workers", "0", "--descriptions", "null"]
+    code, out, err = cli([*common, "--eval-only", "--checkpoint", ckpt], capsys)
+    assert code == 0, err
+    t = json.loads((source / "transfer_dtd.json").read_text())
+    s = json.loads((source / "results.json").read_text())
+    assert t["protocol"] == "cross_dataset" and t["source"]["dataset"] == "oxford_pets"
+    assert t["num_classes"] == 47 and t["sizes"]["test"] == 94 and t["alpha"] == s["alpha"]
+    assert t["alpha_source"].startswith("source run")
+    # bad inputs: another backbone, a checkpoint that does not say where it was trained
+    code, _, err = cli([*common, "--eval-only", "--checkpoint", ckpt, "--backbone", "tiny-vit"], capsys)
+    one_line_error(code, err, "trained with backbone tiny-rn, this run uses tiny-vit")
+    import torch
+    old = torch.load(ckpt, weights_only=True)
+    del old["dataset"]
+    old["config"]["dataset"] = "folder"
+    torch.save(old, tmp_path / "old.pt")
+    code, _, err = cli([*common, "--eval-only", "--checkpoint", str(tmp_path / "old.pt")], capsys)
+    one_line_error(code, err, "records no dataset it was trained on")
+    assert not (tmp_path / "transfer_dtd.json").exists()
+
+
+def test_test_labels_choose_nothing(pets, tmp_path, capsys):
+    """Permuting the test labels moves test accuracies, never alpha (nor anything else chosen)."""
+    assert cli(args("oxford_pets", pets, tmp_path, "--protocol", "base2new"), capsys)[0] == 0
+    run = tmp_path / "out" / "oxford_pets" / "tiny-rn_2shots_seed1_base2new"
+    before = json.loads((run / "results.json").read_text())
+    split_path = pets / "split_zhou_OxfordPets.json"
+    original = split_path.read_text()
+    try:
+        split = json.loads(original)
+        names = {label: name for _, label, name in split["train"]}
+        shuffled = [row[1] for row in split["test"]]
+        random.Random(0).shuffle(shuffled)
+        split["test"] = [[path, label, names[label]] for (path, _, _), label in zip(split["test"], shuffled)]
+        split_path.write_text(json.dumps(split))
+        code, _, err = cli(args("oxford_pets", pets, tmp_path, "--protocol", "base2new", "--eval-only"), capsys)
+        assert code == 0, err
+    finally:
+        split_path.write_text(original)
+    after = json.loads((run / "results_eval.json").read_text())
+    assert (after["alpha"], after["val_acc"]) == (before["alpha"], before["val_acc"])
+    assert after["alpha_curve"]["val"] == before["alpha_curve"]["val"]
+    assert after["alpha_curve"]["base"] != before["alpha_curve"]["base"]      # the test side did move
+
+
+def test_base_to_new_needs_two_classes(tmp_path, capsys, demo_root):
+    import shutil
+    one = tmp_path / "one_class"
+    shutil.copytree(demo_root / "images" / "red_circle", one / "red_circle")
+    code, _, err = cli(["--config", str(ROOT / "configs/folder.yaml"), "--data_path", str(one), "--protocol",
+                        "base2new", *FAST, "--output_dir", str(tmp_path / "out"), "--cache_dir",
+                        str(tmp_path / "cache")], capsys)
+    one_line_error(code, err, "protocol base2new needs at least 2 classes", "has 1")
+    code, _, err = cli(["--config", str(ROOT / "configs/dtd.yaml"), "--protocol", "base2nwe"], capsys)
+    one_line_error(code, err, "'protocol' must be 'fewshot' or 'base2new'", "did you mean 'base2new'")
+
+
+def test_domain_generalisation_script_scores_each_variant_on_its_classes(tmp_path, capsys):
+    from test_end_to_end import build_imagenet
+    from datasets.demo import DEMO_CLASSES, draw_image
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    wnids = build_imagenet(data, classes=4, train=6, val=2)
+    rng = random.Random(1)
+
+    def variant(folder, classes):
+        for name, i in classes:
+            (folder / name).mkdir(parents=True)
+            for k in range(2):
+                draw_image(DEMO_CLASSES[i][2], DEMO_CLASSES[i][1], 64, rng).save(folder / name / f"{k}.jpg")
+
+    variant(tmp_path / "v2" / "imagenetv2-matched-frequency-format-val", [(str(i), i) for i in range(4)])
+    variant(tmp_path / "sketch" / "sketch", [(wnids[i], i) for i in range(3)])        # a class folder missing
+    variant(tmp_path / "a" / "imagenet-a", [(wnids[i], i) for i in (0, 2)])           # subsets, as A's 200
+    variant(tmp_path / "r" / "imagenet-r", [(wnids[i], i) for i in (1, 2, 3)])
+    argv = ["--config", str(ROOT / "configs/imagenet.yaml"), "--data_path", str(data), "--output_dir",
+            str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--val_per_class", "2", "--num_classes", "4",
+            *FAST]
+    assert cli(argv, capsys, entry="main_imagenet")[0] == 0
+    ckpt = tmp_path / "out" / "imagenet" / "tiny-rn_2shots_seed1" / "checkpoint.pt"
+    env = dict(os.environ, V2=str(tmp_path / "v2"), SKETCH=str(tmp_path / "sketch"), A=str(tmp_path / "a"),
+               R=str(tmp_path / "r"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/domain_generalization.sh"), str(ckpt), "--data_path",
+                           str(data), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shift = json.loads((ckpt.parent / "results_eval.json").read_text())["shift"]
+    assert {k: (v["num_classes"], v["size"]) for k, v in shift.items()} == {
+        "imagenet_v2": (4, 8), "imagenet_sketch": (4, 6), "imagenet_a": (2, 4), "imagenet_r": (3, 6)}
+    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
+    assert code == 0 and "domain generalisation" in out
+    assert "| shots | imagenet | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r | variants average |" in out
+
+
+def test_summary_tables_of_the_protocols(tmp_path, capsys):
+    root = tmp_path / "runs"
+
+    def write(folder, name, payload):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_text(json.dumps(payload))
+
+    for seed, (b, n) in zip((1, 2), ((80.0, 60.0), (82.0, 62.0))):
+        write(f"dtd/RN50_16shots_seed{seed}_base2new", "results.json", {
+            "dataset": "dtd", "backbone": "RN50", "shots": 16, "seed": seed, "protocol": "base2new",
+            "test_acc": harmonic_mean(b, n), "zero_shot_acc": 50.0,
+            "base2new": {"base": {"test_acc": b, "zero_shot_acc": 55.0}, "new": {"test_acc": n, "zero_shot_acc": 45.0}}})
+        folder = f"imagenet/RN50_16shots_seed{seed}"
+        write(folder, "results.json", {"dataset": "imagenet", "backbone": "RN50", "shots": 16, "seed": seed,
+                                       "test_acc": 60.0 + seed, "zero_shot_acc": 55.0})
+        for target, acc in (("dtd", 40.0 + seed), ("eurosat", 30.0 + seed)):
+            write(folder, f"transfer_{target}.json", {"dataset": target, "backbone": "RN50", "shots": 16,
+                                                       "seed": seed, "test_acc": acc, "zero_shot_acc": 20.0})
+    code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys, entry="summarize")
+    assert code == 0, err
+    b2n = (tmp_path / "sum" / "summary_RN50_base2new.md").read_text()
+    assert "| dtd | 81.00 ± 1.41 | 61.00 ± 1.41 |" in b2n and "11-dataset average appears once all 11" in b2n
+    rows = (tmp_path / "sum" / "summary_RN50_base2new.csv").read_text().splitlines()   # the group's own table
+    assert rows[0].startswith("group,dataset,runs,base,new,hm")
+    transfer = (tmp_path / "sum" / "summary_RN50.md").read_text()
+    assert "| source: imagenet | dtd | eurosat | target average |" in transfer
+    assert "| 61.50 ± 0.71 | 41.50 ± 0.71 | 31.50 ± 0.71 | 36.50 ± 0.71 |" in transfer
+    assert "RN50,imagenet,target_average,2,36.5000" in (tmp_path / "sum" / "summary_RN50_transfer.csv").read_text()
