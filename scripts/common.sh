@@ -27,3 +27,12 @@ report_failures() {
     exit 1
   fi
 }
+
+# Stop with the usage line unless the script's first argument is a checkpoint path.
+need_checkpoint() {
+  local script="$1"; shift
+  if [[ $# -lt 1 || "$1" == --* ]]; then
+    echo "usage: bash scripts/$script CHECKPOINT [--key value ...]" >&2
+    exit 2
+  fi
+}

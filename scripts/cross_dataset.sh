@@ -8,10 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-if [[ $# -lt 1 || "$1" == --* ]]; then
-  echo "usage: bash scripts/cross_dataset.sh CHECKPOINT [--key value ...]" >&2
-  exit 2
-fi
+need_checkpoint cross_dataset.sh "$@"
 ckpt="$1"; shift
 failed=()
 for target in ${TARGETS:-$ALL_COOP}; do

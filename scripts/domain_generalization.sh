@@ -13,10 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-if [[ $# -lt 1 || "$1" == --* ]]; then
-  echo "usage: bash scripts/domain_generalization.sh CHECKPOINT [--key value ...]" >&2
-  exit 2
-fi
+need_checkpoint domain_generalization.sh "$@"
 ckpt="$1"; shift
 root="${DATA:-data}"; root="${root%/}"
 sets="{imagenet_v2: ${V2:-$root/imagenetv2}, imagenet_sketch: ${SKETCH:-$root/imagenet-sketch}, "

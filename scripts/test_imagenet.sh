@@ -10,10 +10,8 @@
 # --alpha, device) can be changed on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/common.sh
 
-if [[ $# -lt 1 || "$1" == --* ]]; then
-  echo "usage: bash scripts/test_imagenet.sh CHECKPOINT [--key value ...]" >&2
-  exit 2
-fi
+need_checkpoint test_imagenet.sh "$@"
 ckpt="$1"; shift
-"${PYTHON:-python}" main_imagenet.py --config configs/imagenet.yaml --eval-only --checkpoint "$ckpt" "$@"
+"$PYTHON" main_imagenet.py --config configs/imagenet.yaml --eval-only --checkpoint "$ckpt" "$@"
