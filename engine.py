@@ -8,6 +8,7 @@
     build_model     frozen CLIP, text classifier, region pool
     train_or_load   train the pool (resuming if a state was saved), or load a trained one
     evaluate_run    logits once per split, alpha chosen on validation data, test numbers
+    measure_baselines  zero-shot, linear probe, Tip-Adapter(-F) on the same images and features
     write_results   results.json (or results_eval.json / transfer_<dataset>.json)
 """
 from __future__ import annotations
@@ -22,15 +23,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from baselines import BaselineData, run_baselines
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
                       saved_sample_differs, validation_from_train)
 from datasets.loader import eval_transform, make_loader
-from evaluation import collect_logits, evaluate, evaluate_base2new
-from features import LiveSource, ViewSource, eval_store, live_batches
+from evaluation import SplitLogits, collect_logits, evaluate, evaluate_base2new
+from features import LiveSource, ViewSource, eval_store, live_batches, view_store
 from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
 from utils import (SCHEMA, Config, RaftError, check_outside_data, remove_temporaries, resolve_device, set_seed,
                    setup_logging, torch_load, torch_save, write_json, write_yaml)
@@ -316,22 +320,35 @@ class Model:
     target_text: dict[str, torch.Tensor]   # the same for each scored class set
 
 
-def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
-                device: torch.device) -> Model:
-    log = plan.log
+def load_frozen_clip(cfg: Config, images: ImageSets, plan: RunPlan, device: torch.device) -> FrozenCLIP:
+    """Frozen CLIP; a random trunk's BatchNorm statistics restored from the checkpoint, or
+    measured on the few-shot images (a deterministic function of them)."""
     clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
     if plan.ckpt is not None and plan.ckpt.get("trunk_batchnorm"):  # measured in training: not read again
         restore_batchnorm(clip, plan.ckpt["trunk_batchnorm"])
-        log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
+        plan.log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
     elif cfg.calibrate_bn:
-        calibrate_on(clip, images.train, cfg, device, log)
+        calibrate_on(clip, images.train, cfg, device, plan.log)
+    return clip
+
+
+def task_texts(clip: FrozenCLIP, cfg: Config, task: Task, device: torch.device, log) -> tuple[torch.Tensor, dict]:
+    """The text matrix of the trained classes, and of each scored class set."""
     texts = {id(view): build_text(clip, view, cfg, log).to(device) for view in (task.train, *task.targets.values())}
+    return texts[id(task.train)], {name: texts[id(view)] for name, view in task.targets.items()}
+
+
+def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
+                device: torch.device) -> Model:
+    log = plan.log
+    clip = load_frozen_clip(cfg, images, plan, device)
+    text, target_text = task_texts(clip, cfg, task, device, log)
     pool = clip.region_pool(cfg.mask_bg_in_cls).to(device)
     log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): {clip.spec.what} "
              f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding {clip.embed_dim}, "
              f"{pool.num_heads} heads, {sum(p.numel() for p in pool.parameters() if p.requires_grad):,} "
              f"trainable parameters")
-    return Model(clip, texts[id(task.train)], pool, {name: texts[id(view)] for name, view in task.targets.items()})
+    return Model(clip, text, pool, target_text)
 
 
 def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
@@ -365,34 +382,75 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     return train_seconds
 
 
+class SplitFeatures:
+    """The frozen trunk's outputs for a run's splits: from the cache when enabled (computed once
+    for the whole split, then shared by every protocol, run and baseline), else computed on the
+    fly; only the images of a class view's classes, their labels mapped to the view's."""
+
+    def __init__(self, clip: FrozenCLIP, cfg: Config, data: DatasetSplits, device: torch.device, use_amp: bool):
+        self.clip, self.cfg, self.data, self.device, self.amp = clip, cfg, data, device, use_amp
+        self.skipped: dict[str, list[str]] = {}
+
+    def _rows_of(self, items: list[Datum], split: str, view: DatasetSplits):
+        """(the cached store or None, the store rows of the view's classes or None for all)."""
+        cfg = self.cfg
+        if not cfg.feature_cache:
+            self.skipped[split] = []
+            return None, None
+        store = eval_store(self.clip, items, cfg.cache_dir, f"{self.data.name}_{split}", cfg.eval_batch_size,
+                           cfg.num_workers, self.device, self.amp, skip_bad=cfg.bad_images == "skip")
+        self.skipped[split] = store.skipped
+        keep = view.parent_labels
+        return store, None if keep is None else torch.nonzero(torch.isin(store.labels, torch.tensor(keep))).flatten()
+
+    def batches(self, items: list[Datum], split: str, view: DatasetSplits):
+        """(trunk output, v0, labels) batches of the view's images among ``items``."""
+        store, rows = self._rows_of(items, split, view)
+        if store is not None:
+            return store.batches(self.cfg.eval_batch_size, self.device, order=rows)
+        return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.image_size),
+                            self.cfg.eval_batch_size, self.cfg.num_workers, self.device, self.amp,
+                            self.skipped[split] if self.cfg.bad_images == "skip" else None)
+
+    def relabel(self, labels: torch.Tensor, view: DatasetSplits, split: str) -> torch.Tensor:
+        if not len(labels):
+            raise RaftError(f"no readable {split} images{'' if view.parent_labels is None else f' of the {view.part} classes'}")
+        if view.parent_labels is None:
+            return labels
+        lut = torch.full((self.data.num_classes,), -1, dtype=torch.long)
+        lut[torch.tensor(view.parent_labels)] = torch.arange(len(view.parent_labels))
+        return lut[labels]
+
+    def logits(self, pool: torch.nn.Module, text: torch.Tensor, items: list[Datum], split: str,
+               view: DatasetSplits) -> SplitLogits:
+        logits = collect_logits(pool, text, self.batches(items, split, view), self.device, self.amp, split,
+                                self.cfg.logit_scale)
+        return logits._replace(labels=self.relabel(logits.labels, view, split))
+
+    def v0(self, items: list[Datum], split: str, view: DatasetSplits) -> SplitLogits:
+        """CLIP's own features only (``v0``, L2-normalised, and labels): read straight from the
+        cache's small pooled array when there is one."""
+        store, rows = self._rows_of(items, split, view)
+        if store is not None:
+            index = torch.arange(len(store)) if rows is None else rows
+            v0 = torch.from_numpy(np.array(store.pooled, dtype=np.float32))[index]
+            labels = store.labels[index]
+        else:
+            parts = [(v.float().cpu(), y.cpu()) for _, v, y in self.batches(items, split, view)]
+            v0 = torch.cat([v for v, _ in parts]) if parts else torch.zeros(0, self.clip.embed_dim)
+            labels = torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        return SplitLogits(None, None, self.relabel(labels, view, split), 0.0, F.normalize(v0, dim=-1))
+
+
 def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
                  device: torch.device, use_amp: bool) -> dict:
     """Logits once per split (trunk features of the whole split from the cache when enabled,
     shared by every protocol), then alpha from validation data and the scores."""
-    skipped: dict[str, list[str]] = {}
+    splits = SplitFeatures(model.clip, cfg, data, device, use_amp)
+    skipped = splits.skipped
 
-    def logits_of(items: list[Datum], split: str, view: DatasetSplits, text: torch.Tensor):
-        """Logits of the images of ``view``'s classes among ``items``, labels mapped to the view's."""
-        skip = cfg.bad_images == "skip"
-        keep = view.parent_labels
-        if cfg.feature_cache:  # trunk features computed once per (weights, images, transform), then reused
-            store = eval_store(model.clip, items, cfg.cache_dir, f"{data.name}_{split}", cfg.eval_batch_size,
-                               cfg.num_workers, device, use_amp, skip_bad=skip)
-            skipped[split] = store.skipped
-            rows = None if keep is None else torch.nonzero(torch.isin(store.labels, torch.tensor(keep))).flatten()
-            batches = store.batches(cfg.eval_batch_size, device, order=rows)
-        else:
-            skipped[split] = []
-            batches = live_batches(model.clip, in_classes(items, view), eval_transform(model.clip.image_size),
-                                   cfg.eval_batch_size, cfg.num_workers, device, use_amp, skipped[split] if skip else None)
-        logits = collect_logits(model.pool, text, batches, device, use_amp, split, cfg.logit_scale)
-        if not len(logits.labels):
-            raise RaftError(f"no readable {split} images{'' if keep is None else f' of the {view.part} classes'}")
-        if keep is not None:
-            lut = torch.full((data.num_classes,), -1, dtype=torch.long)
-            lut[torch.tensor(keep)] = torch.arange(len(keep))
-            logits = logits._replace(labels=lut[logits.labels])
-        return logits
+    def logits_of(items: list[Datum], split: str, view: DatasetSplits, text: torch.Tensor) -> SplitLogits:
+        return splits.logits(model.pool, text, items, split, view)
 
     val_items = data.val if images.val_source == "split" else images.val
     val = logits_of(val_items, "val", task.train, model.text) if images.val else None
@@ -415,7 +473,52 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
                                     {name: view.num_classes for name, view in task.targets.items()})
     sizes = {"train": len(images.train), "val": len(val.labels) if val else 0,
              "test": sum(len(logits.labels) for logits in scored.values())}
-    return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source}
+    return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source,
+            "logits": {"val": val, **scored}}
+
+
+TIP_VIEWS, TIP_CROP_SCALE = 10, (0.5, 1.0)   # Tip-Adapter's cache: 10 augmented views (doc/baselines.md)
+
+
+def measure_baselines(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets,
+                      evaluation: dict, plan: RunPlan, device: torch.device, use_amp: bool) -> dict | None:
+    """The baselines of ``cfg.baselines`` on this run's own ground: its few-shot images, CLIP's
+    features of its val and test images (already computed for RAFT's evaluation), its text
+    matrix, alpha-free selection on its validation data. Only the few-shot images' features
+    are new: once under the evaluation transform (linear probe) and for 10 augmented views
+    (Tip-Adapter), both cached."""
+    if not cfg.baselines or plan.transfer_from is not None or not images.train:
+        return None
+    start = time.perf_counter()
+    clip, logits = model.clip, evaluation["logits"]
+    name = f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}"
+    if cfg.feature_cache:
+        store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
+                           cfg.num_workers, device, use_amp, keep_maps=False)
+        train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
+    else:
+        batches = live_batches(clip, images.train, eval_transform(clip.image_size), cfg.eval_batch_size,
+                               cfg.num_workers, device, use_amp)
+        train = torch.cat([v0.float().cpu() for _, v0, _ in batches])
+    views = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
+                       cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
+    views = torch.from_numpy(np.array(views.pooled, dtype=np.float32)).view(TIP_VIEWS, len(images.train), -1)
+    normed = lambda x: F.normalize(x.float(), dim=-1).to(device)  # noqa: E731
+    val = logits["val"]
+    bdata = BaselineData(model.text[:, :-1].float(), normed(train),
+                         torch.tensor([d.label for d in images.train], device=device), normed(views),
+                         None if val is None else val.v0.to(device), None if val is None else val.labels.to(device),
+                         cfg.logit_scale, cfg.seed)
+    features_seconds = time.perf_counter() - start
+    if "test" in logits:
+        targets = {"test_acc": (logits["test"].v0.to(device), logits["test"].labels.to(device), None)}
+    else:  # base-to-new: the trained methods know the base classes only; zero-shot CLIP scores both
+        targets = {"base_acc": (logits["base"].v0.to(device), logits["base"].labels.to(device), None),
+                   "new_acc": (logits["new"].v0.to(device), logits["new"].labels.to(device),
+                               model.target_text["new"][:, :-1].float())}
+    methods = run_baselines(cfg.baselines, bdata, targets, plan.log)
+    return {"methods": methods, "seconds": {"features": features_seconds,
+                                            "total": time.perf_counter() - start}}
 
 
 def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
@@ -431,8 +534,8 @@ def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
                         f"(finish that run first, or pass a fixed --alpha)") from None
 
 
-def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, train_seconds: float | None,
-                  eval_seconds: float, device: torch.device) -> dict:
+def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, baselines: dict | None,
+                  train_seconds: float | None, eval_seconds: float, device: torch.device) -> dict:
     metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
     results = {
         "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
@@ -446,6 +549,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
            if plan.transfer_from is not None else {}),
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
+        **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -499,7 +603,46 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     train_seconds = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
     start = time.perf_counter()
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
-    return write_results(cfg, data, plan, evaluation, train_seconds, time.perf_counter() - start, device)
+    eval_seconds = time.perf_counter() - start
+    baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
+    return write_results(cfg, data, plan, evaluation, baselines, train_seconds, eval_seconds, device)
+
+
+def baselines_only(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict:
+    """The baselines of one setting without training RAFT (``baselines/run.py``): the same
+    run folder, few-shot images, caches and validation data as the RAFT run of that setting;
+    the results go to baselines.json there."""
+    cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+    check_outside_data(cfg)
+    if not cfg.baselines:
+        raise RaftError("`baselines` is empty: nothing to run")
+    run_dir = run_dir_of(cfg, data.name)
+    plan = RunPlan(cfg, setup_logging(run_dir / "log.txt"), run_dir, run_dir / "baselines.json",
+                   run_dir / "checkpoint.pt")
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    task = make_task(cfg, data, plan)
+    images = sample_images(cfg, data, task, plan)
+    clip = load_frozen_clip(cfg, images, plan, device)
+    text, target_text = task_texts(clip, cfg, task, device, plan.log)
+    splits = SplitFeatures(clip, cfg, data, device, use_amp)
+    val_items = data.val if images.val_source == "split" else images.val
+    logits = {"val": splits.v0(val_items, "val", task.train) if images.val else None,
+              **{name: splits.v0(data.test, "test", view) for name, view in task.targets.items()}}
+    measured = measure_baselines(Model(clip, text, None, target_text), cfg, data, task, images, {"logits": logits},
+                                 plan, device, use_amp)
+    results = {"dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+               "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": data.num_classes,
+               "sizes": {"train": len(images.train), "val": len(logits["val"].labels) if images.val else 0,
+                         "test": sum(len(v.labels) for k, v in logits.items() if k != "val")},
+               "val_source": images.val_source, "baselines": measured["methods"],
+               "baselines_seconds": measured["seconds"], "device": str(device),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(plan.results_path, results)
+    print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: "
+          + ", ".join(f"{k} {v['test_acc']:.2f}%" for k, v in measured["methods"].items())
+          + f"; results in {plan.results_path}")
+    return results
 
 
 # --------------------------------------------------------------------------- helpers

@@ -16,13 +16,14 @@ class SplitLogits(NamedTuple):
     clip: torch.Tensor     # N×C zero-shot CLIP logits
     labels: torch.Tensor   # N
     bg_cos: float          # mean cos(v_cls, v_bg): how far the background token moved away
+    v0: torch.Tensor | None = None   # N×D CLIP's own features, L2-normalised (what the baselines read)
 
     def restrict(self, subset: list[int], num_classes: int) -> "SplitLogits":
         """Keep the columns of ``subset`` (200-class ImageNet variants) and relabel into it."""
         index = torch.tensor(subset)
         remap = torch.full((num_classes,), -1, dtype=torch.long)
         remap[index] = torch.arange(len(index))
-        return SplitLogits(self.cls[:, index], self.clip[:, index], remap[self.labels], self.bg_cos)
+        return self._replace(cls=self.cls[:, index], clip=self.clip[:, index], labels=remap[self.labels])
 
 
 @torch.no_grad()
@@ -32,16 +33,19 @@ def collect_logits(pool: torch.nn.Module, text: torch.Tensor, batches, device: t
     ``(feature map, v0, labels)`` batches."""
     pool.eval()
     num_classes = text.shape[1] - 1
-    cls_all, clip_all, labels_all, cos_sum = [], [], [], 0.0
+    cls_all, clip_all, labels_all, v0_all = [], [], [], []
+    cos_sum = torch.zeros((), dtype=torch.float64, device=device)
     for fmap, v0, labels in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         with autocast(device, amp):
             v_cls, v_bg = pool(fmap)
         cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
         clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
-        cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum().item()
+        v0_all.append(F.normalize(v0.float(), dim=-1).cpu())
+        cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum()
         labels_all.append(labels.cpu())
     labels = torch.cat(labels_all)
-    return SplitLogits(torch.cat(cls_all), torch.cat(clip_all), labels, cos_sum / max(1, len(labels)))
+    return SplitLogits(torch.cat(cls_all), torch.cat(clip_all), labels, cos_sum.item() / max(1, len(labels)),
+                       torch.cat(v0_all))
 
 
 def alpha_grid(low: float, high: float, steps: int) -> list[float]:

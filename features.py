@@ -37,6 +37,7 @@ from utils import RaftError, autocast, background, resolve_workers, sha256_text
 log = logging.getLogger("raft")
 
 CACHE_VERSION = 1
+NO_MAPS = (0,)   # the map shape of a store that keeps CLIP's own feature v0 alone (what the baselines read)
 # The smallest crop side is sqrt(0.8 · 3/4) ≈ 0.775 of the image's shorter side: images kept
 # with a shorter side of size / 0.77 are never upsampled by any crop, as with the original.
 DECODE_MARGIN = 0.77
@@ -101,7 +102,8 @@ class FeatureStore:
         def read():
             for start in range(0, count, batch_size):
                 rows = index[start:start + batch_size].numpy() + offset
-                yield (self._rows(self.maps, rows, order is None, pin), self._rows(self.pooled, rows, order is None, pin),
+                contiguous = order is None
+                yield (self._rows(self.maps, rows, contiguous, pin), self._rows(self.pooled, rows, contiguous, pin),
                        self.labels[torch.from_numpy(rows)])
 
         feed = iter(background(read(), depth=2))
@@ -193,6 +195,8 @@ class StoreWriter:
     def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> None:
         """Append a batch (see the class)."""
         maps = fmap.detach().to(self.torch_dtype)
+        if self.maps.shape[1:] == NO_MAPS:  # a store of v0 alone
+            maps = maps.new_zeros(len(maps), 0)
         fits = torch.isfinite(maps).all()
         self.finite = fits if self.finite is None else self.finite & fits
         self.from_half |= fmap.dtype != torch.float32
@@ -249,11 +253,12 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str) -> FeatureStore:
+def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str,
+                map_shape: tuple | None = None) -> FeatureStore:
     """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
     images it could not read to ``skipped``) into a store; float16 maps unless a value
-    overflows float16, then float32."""
-    map_shape = tuple(clip.feature_shape)
+    overflows float16, then float32. ``map_shape``: one row's trunk output (default: the model's)."""
+    map_shape = tuple(clip.feature_shape) if map_shape is None else map_shape
     for dtype in (np.float16, np.float32):
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype))
         try:
@@ -293,12 +298,14 @@ def live_batches(clip, items: list[Datum], transform, batch_size: int, num_worke
 
 
 def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch_size: int,
-               num_workers: int, device: torch.device, amp: bool, skip_bad: bool = False) -> FeatureStore:
+               num_workers: int, device: torch.device, amp: bool, skip_bad: bool = False,
+               keep_maps: bool = True) -> FeatureStore:
     """The store of ``items`` under the eval transform: reused when every input matches.
-    ``skip_bad``: leave unreadable images out (listed in the store's ``skipped``) instead of failing."""
+    ``skip_bad``: leave unreadable images out (listed in the store's ``skipped``) instead of failing.
+    ``keep_maps=False``: CLIP's own feature ``v0`` only (what the baselines read)."""
     transform = eval_transform(clip.image_size)
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
-                      file_stamps(items), amp and device.type == "cuda", skip_bad)
+                      file_stamps(items), amp and device.type == "cuda", skip_bad, *([] if keep_maps else ["v0 only"]))
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
     if FeatureStore.valid(path, key):
         log.info(f"{name}: cached trunk features {path}")
@@ -308,7 +315,7 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
                                "transform": repr(transform)}, len(items),
                         lambda skipped: live_batches(clip, items, transform, batch_size, num_workers, device, amp,
                                                      skipped if skip_bad else None),
-                        clip, f"features: {name}")
+                        clip, f"features: {name}", None if keep_maps else NO_MAPS)
     log.info(f"{name}: trunk features of {len(items)} images cached in {time.perf_counter() - start:.1f}s ({path})")
     return store
 
@@ -346,12 +353,14 @@ def as_list(batch: list) -> list:
     return batch
 
 
-def decode_images(items: list[Datum], image_size: int, num_workers: int) -> list[torch.Tensor]:
+def decode_images(items: list[Datum], image_size: int, num_workers: int | str,
+                  margin: float = DECODE_MARGIN) -> list[torch.Tensor]:
     """Decode every training image once, up front: an unreadable one stops the run before
-    training starts, naming the file(s)."""
-    side = math.ceil(image_size / DECODE_MARGIN)
-    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=resolve_workers(num_workers),
-                        collate_fn=as_list)
+    training starts, naming the file(s). ``margin``: the smallest crop side over the shorter
+    side that the augmentation draws (no crop is then upsampled from the reduced image)."""
+    side = math.ceil(image_size / margin)
+    workers = resolve_workers(num_workers, len(items))
+    loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=workers, collate_fn=as_list)
     decoded = [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
     bad = [x for x in decoded if isinstance(x, str)]
     if bad:
@@ -421,6 +430,42 @@ class LiveSource:
                 self.aug_gen.set_state(self.aug_state)
 
 
+def view_store(clip, items: list[Datum], views: int, seed: int, cache_dir: str | Path, name: str,
+               device: torch.device, amp: bool, num_workers: int | str, batch_size: int,
+               scale: tuple[float, float] = CROP_SCALE, keep_maps: bool = True) -> FeatureStore:
+    """``views`` augmented views of every image through the frozen trunk, computed once and
+    cached (rows: view 0 of every image, then view 1, ...). ``keep_maps=False`` keeps only
+    CLIP's own feature ``v0`` (Tip-Adapter's views), not the trunk outputs."""
+    margin = math.sqrt(scale[0] * CROP_RATIO[0])   # the smallest crop's side over the image's shorter side
+    parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp and device.type == "cuda"]
+    key = sha256_text("train-views", CACHE_VERSION, clip.backbone, clip.fingerprint(), file_stamps(items),
+                      *parts, *([] if keep_maps else ["v0 only"]))  # RAFT's view caches keep their old keys
+    kind = "views" if keep_maps else "v0views"
+    path = Path(cache_dir) / "features" / f"{name}_{kind}{views}_{clip.backbone}_{key[:20]}"
+    if FeatureStore.valid(path, key):
+        log.info(f"{views} augmented views: cached {path}")
+        return FeatureStore(path)
+    start = time.perf_counter()
+    images = decode_images(items, clip.image_size, num_workers, min(margin, DECODE_MARGIN))
+    labels = torch.tensor([d.label for d in items])
+    gen = torch.Generator().manual_seed(seed + 2_000_003)
+
+    def batches(skipped):
+        for _ in range(views):  # each pass draws new crops from gen
+            for s in range(0, len(images), batch_size):
+                batch = augment(images[s:s + batch_size], clip.image_size, gen, device, amp, scale)
+                with autocast(device, amp):
+                    fmap, v0 = clip.encode_image(batch)
+                yield fmap, v0, labels[s:s + batch_size]
+
+    store = build_store(path, {"key": key, "kind": f"train-{kind}", "views": views, "images": len(items),
+                               "crop_scale": list(scale)},
+                        views * len(items), batches, clip, f"features: {views} views",
+                        None if keep_maps else NO_MAPS)
+    log.info(f"{views} augmented views of {len(items)} images computed in {time.perf_counter() - start:.1f}s ({path})")
+    return store
+
+
 class ViewSource:
     """Cached training batches: ``views`` augmented views per image computed once, epoch e
     uses view e mod views (Tip-Adapter-F's cached augmentation)."""
@@ -428,30 +473,7 @@ class ViewSource:
     def __init__(self, clip, items: list[Datum], views: int, batch_size: int, seed: int, cache_dir: str | Path,
                  name: str, device: torch.device, amp: bool, num_workers: int):
         self.batch_size, self.device, self.views, self.n = batch_size, device, views, len(items)
-        key = sha256_text("train-views", CACHE_VERSION, clip.backbone, clip.fingerprint(), file_stamps(items),
-                          views, seed, CROP_SCALE, CROP_RATIO, DECODE_MARGIN, clip.image_size,
-                          amp and device.type == "cuda")
-        path = Path(cache_dir) / "features" / f"{name}_views{views}_{clip.backbone}_{key[:20]}"
-        if FeatureStore.valid(path, key):
-            log.info(f"training views: cached {path}")
-            self.store = FeatureStore(path)
-        else:
-            start = time.perf_counter()
-            images = decode_images(items, clip.image_size, num_workers)
-            labels = torch.tensor([d.label for d in items])
-            gen = torch.Generator().manual_seed(seed + 2_000_003)
-
-            def batches(skipped):
-                for _ in range(views):  # each pass draws new crops from gen
-                    for s in range(0, len(images), batch_size):
-                        batch = augment(images[s:s + batch_size], clip.image_size, gen, device, amp)
-                        with autocast(device, amp):
-                            fmap, v0 = clip.encode_image(batch)
-                        yield fmap, v0, labels[s:s + batch_size]
-
-            self.store = build_store(path, {"key": key, "kind": "train-views", "views": views, "images": len(items)},
-                                     views * len(items), batches, clip, f"features: {views} views")
-            log.info(f"training views: {views}×{len(items)} computed in {time.perf_counter() - start:.1f}s ({path})")
+        self.store = view_store(clip, items, views, seed, cache_dir, name, device, amp, num_workers, batch_size)
         self.order_gen = torch.Generator().manual_seed(seed)
         self.order: torch.Tensor | None = None
 

@@ -9,21 +9,17 @@ from __future__ import annotations
 import sys
 
 import engine
-from datasets import read_coop_dataset, read_folder_dataset
-from datasets.demo import ensure_demo_dataset
-from utils import check_outside_data, parse_args, run_main
+from datasets import load_dataset
+from utils import RaftError, check_outside_data, parse_args, run_main
 
 
 def main(argv: list[str] | None = None):
     cfg, flags = parse_args(argv, "Train and evaluate RAFT on a CoOp-layout dataset.")
     check_outside_data(cfg)
-    if cfg.dataset == "demo":
-        ensure_demo_dataset(cfg.data_path)  # generated once, offline
-    if cfg.dataset == "folder":  # your own images: <data_path>/<class name>/*.jpg
-        data = read_folder_dataset(cfg.data_path, cfg.split_fractions, cfg.split_seed, cfg.cache_dir, cfg.templates)
-    else:
-        data = read_coop_dataset(cfg.dataset, cfg.data_path)
-    engine.run(cfg, flags, data)
+    if cfg.dataset == "imagenet":
+        raise RaftError("ImageNet runs through main_imagenet.py (python main_imagenet.py --config configs/imagenet.yaml)")
+    engine.run(cfg, flags, load_dataset(cfg))
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

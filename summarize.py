@@ -32,6 +32,8 @@ from utils import RaftError, atomic_write, run_main
 DATASET_ORDER = ["imagenet", "caltech101", "dtd", "eurosat", "fgvc", "food101", "oxford_flowers", "oxford_pets",
                  "stanford_cars", "sun397", "ucf101"]
 SHIFT_ORDER = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+METHODS = {"raft": "RAFT", "zero_shot": "zero-shot CLIP", "linear_probe": "linear probe",
+           "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F"}
 
 
 def group_of(run_dir: Path) -> str:
@@ -57,7 +59,16 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
     """results.json files under ``root`` (and beside them the domain-shift evaluations in
     results_eval.json and the transfers in transfer_<dataset>.json), grouped by backbone and
     settings, then by protocol."""
-    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"fewshot": [], "base2new": [], "transfer": []})
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"fewshot": [], "base2new": [], "transfer": [],
+                                                                     "methods": []})
+    for path in sorted(root.rglob("baselines.json")):   # baselines/run.py, where RAFT has not run (yet)
+        if not (path.parent / "results.json").is_file():
+            try:
+                b = json.loads(path.read_text())
+                if b.get("protocol", "fewshot") == "fewshot":
+                    groups[group_of(path.parent)]["methods"].append(method_row(b, None))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                print(f"skipping {path}: not a baselines file", file=sys.stderr)
     for path in sorted(root.rglob("results.json")):
         r = read_results(path)
         if r is None:
@@ -74,12 +85,22 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
         if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
             row["shift"] = shift_of(again)
         group["fewshot"].append(row)
+        if r.get("baselines"):
+            group["methods"].append(method_row(r, row["acc"]))
         for transfer in sorted(path.parent.glob("transfer_*.json")):
             t = read_results(transfer)
             if t is not None:
                 group["transfer"].append(row | {"target": t["dataset"], "target_acc": float(t["test_acc"]),
                                                 "target_zero_shot": float(t["zero_shot_acc"])})
     return groups
+
+
+def method_row(r: dict, raft: float | None) -> dict:
+    """Each method's test accuracy in one run (RAFT's too when it ran)."""
+    accs = {name: float(m["test_acc"]) for name, m in r["baselines"].items()}
+    if raft is not None:
+        accs["raft"] = raft
+    return {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"], "accs": accs}
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None, int]:
@@ -314,6 +335,63 @@ def transfer_tables(rows: list[dict], group: str) -> tuple[str, str]:
     return "\n".join(lines) + "\n", csv_rows(["group", "source", "test_set", "runs", "mean"], table)
 
 
+def methods_tables(rows: list[dict], group: str) -> tuple[str, str, dict]:
+    """RAFT and the baselines side by side: per dataset and shot count, mean ± std over seeds;
+    an average row per shot count once every dataset has a number."""
+    methods = [m for m in METHODS if any(m in r["accs"] for r in rows)]
+    datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
+    shots = sorted({r["shots"] for r in rows})
+    cells = {(d, s, m): [r["accs"][m] for r in rows if r["dataset"] == d and r["shots"] == s and m in r["accs"]]
+             for d in datasets for s in shots for m in methods}
+    lines = [f"### {group}: RAFT and the baselines ({len(rows)} runs)", "",
+             "| dataset | shots | " + " | ".join(METHODS[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    table, curve = [], {m: {} for m in methods}
+    for d in datasets:
+        for s in shots:
+            if any(cells[(d, s, m)] for m in methods):
+                lines.append(f"| {d} | {s} | " + " | ".join(cell_text(cells[(d, s, m)]) for m in methods) + " |")
+                table += [[group, d, s, m, len(cells[(d, s, m)]), f"{statistics.fmean(cells[(d, s, m)]):.4f}"]
+                          for m in methods if cells[(d, s, m)]]
+    for s in shots:
+        for m in methods:
+            means = [statistics.fmean(cells[(d, s, m)]) for d in datasets if cells[(d, s, m)]]
+            if len(means) == len(datasets):
+                curve[m][s] = statistics.fmean(means)
+        if len(datasets) > 1:
+            lines.append(f"| **Average** | {s} | " + " | ".join(fmt_mean(curve[m].get(s)) for m in methods) + " |")
+            table += [[group, "average", s, m, "", f"{curve[m][s]:.4f}"] for m in methods if s in curve[m]]
+    lines += ["", "Test top-1 accuracy (%), mean ± std over seeds. Every method on the same few-shot images, the "
+                  "same CLIP features and text, its hyper-parameters chosen on validation data (doc/baselines.md); "
+                  "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones."]
+    return "\n".join(lines) + "\n", csv_rows(["group", "dataset", "shots", "method", "runs", "mean"], table), curve
+
+
+def plot_methods(curve: dict, title: str, path: Path) -> None:
+    """Accuracy vs shots, one line per method (the datasets' average)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method, points in curve.items():
+        if points:
+            shots = sorted(points)
+            ax.plot(shots, [points[s] for s in shots], marker="o", lw=3 if method == "raft" else 1.5,
+                    label=METHODS[method])
+    ax.set_xscale("log", base=2)
+    ticks = sorted({s for points in curve.values() for s in points})
+    ax.set_xticks(ticks, [str(s) for s in ticks])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+
+
 def plot(table: dict, title: str, path: Path) -> None:
     """Accuracy vs shots: a line per dataset (error bars: std over seeds), the average in
     black, zero-shot CLIP as a dashed line of the same colour."""
@@ -391,6 +469,15 @@ def main(argv: list[str] | None = None):
             if not args.no_plot:
                 plot(tables[group], f"RAFT, {group}", out / f"summary{suffix}.png")
                 written.append(f"summary{suffix}.png")
+        if protocols["methods"]:
+            text, table, curve = methods_tables(protocols["methods"], group)
+            md += ("\n" if md else "") + text
+            name = f"summary{suffix}_methods.csv"
+            write_text(out / name, table)
+            written.append(name)
+            if not args.no_plot:
+                plot_methods(curve, f"{group}: RAFT and the baselines", out / f"summary{suffix}_methods.png")
+                written.append(f"summary{suffix}_methods.png")
         for protocol, tabulate in (("base2new", base2new_tables), ("transfer", transfer_tables)):
             if protocols[protocol]:
                 text, table = tabulate(protocols[protocol], group)

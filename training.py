@@ -24,7 +24,7 @@ STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
 NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
                      "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
-                     "shift_sets", "val_per_class", "num_classes", "data_path", "name"}
+                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines"}
 
 
 class Interrupted(RaftError):

@@ -106,6 +106,9 @@ SCHEMA: dict[str, Key] = {
     "alpha": Key((float,), None, "fixed blending weight; null = choose on validation data", True),
     "shift_sets": Key((dict,), {}, "ImageNet only: distribution-shift test sets {name: path} "
                                    "(imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r)"),
+    "baselines": Key((list,), ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f"],
+                     "baselines run on the same few-shot images, features and validation data (doc/baselines.md): "
+                     "any of zero_shot, linear_probe, tip_adapter, tip_adapter_f; [] for none"),
     # machinery
     "bad_images": Key((str,), "fail", "an unreadable val/test image: 'fail' (stop, naming it) or 'skip' "
                                       "(leave it out, counted in results.json); training images always fail",
@@ -116,7 +119,7 @@ SCHEMA: dict[str, Key] = {
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
     "num_workers": Key((int, str), "auto", "image-decoding worker processes: an integer, or 'auto' (the CPUs "
                                            "this process may use, shared among the processes of a torchrun run, "
-                                           "at most 16)", False,
+                                           "at most 16; none for fewer than 256 images)", False,
                        lambda v: v == "auto" or (isinstance(v, int) and v >= 0), ">= 0 or 'auto'"),
     "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
@@ -252,6 +255,12 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
             or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0 or fractions[2] == 0):
         raise RaftError(f"config key 'split_fractions' must be [train, val, test] fractions summing to 1 "
                         f"with train and test > 0, got {fractions!r}")
+    known = SCHEMA["baselines"].default
+    for method in values["baselines"]:
+        if method not in known:
+            hint = difflib.get_close_matches(str(method), known, n=1, cutoff=0.0)[0]
+            raise RaftError(f"unknown baseline {method!r} in `baselines` (did you mean {hint!r}?); known: "
+                            f"{', '.join(known)}")
     if values["templates"] is not None:
         if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
             raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
@@ -374,11 +383,17 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def resolve_workers(value: int | str) -> int:
+SMALL_JOB = 256  # images: 'auto' decodes fewer in the main process (starting workers costs more)
+
+
+def resolve_workers(value: int | str, images: int | None = None) -> int:
     """``num_workers``: an integer, or 'auto' = the CPUs available to this process shared among
-    the processes torchrun started on this machine (at most 16 each, at least 1)."""
+    the processes torchrun started on this machine (at most 16 each, at least 1), and none for
+    a job of fewer than ``SMALL_JOB`` images."""
     if value != "auto":
         return int(value)
+    if images is not None and images < SMALL_JOB:
+        return 0
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(16, available_cpus() // max(1, processes)))
 

@@ -4,8 +4,25 @@ from .coop import LAYOUTS, read_coop_dataset
 from .folder import read_folder_dataset
 from .fewshot import (SAMPLER_VERSION, few_shot, sample_digest, sample_per_class, save_list, saved_sample_differs,
                       validation_from_train)
-from .imagenet import SHIFT_LAYOUTS, read_imagenet, read_shift_set
+from .imagenet import SHIFT_LAYOUTS, read_classnames, read_imagenet, read_shift_set
+
+
+def load_dataset(cfg) -> DatasetSplits:
+    """The dataset a config names: ImageNet with the config's shift sets, your own folders,
+    the generated demo (made on first use), or one of the CoOp datasets."""
+    if cfg.dataset == "imagenet":
+        data = read_imagenet(cfg.data_path)
+        wnids, names = read_classnames(data.root)
+        for kind, path in cfg.shift_sets.items():  # ImageNet-V2 / -Sketch / -A / -R, with ImageNet's classes
+            data.shift_sets[kind] = read_shift_set(kind, path, wnids, names)
+        return data
+    if cfg.dataset == "folder":  # your own images: <data_path>/<class name>/*.jpg
+        return read_folder_dataset(cfg.data_path, cfg.split_fractions, cfg.split_seed, cfg.cache_dir, cfg.templates)
+    if cfg.dataset == "demo":
+        from .demo import ensure_demo_dataset
+        ensure_demo_dataset(cfg.data_path)  # generated once, offline
+    return read_coop_dataset(cfg.dataset, cfg.data_path)
 
 __all__ = ["DatasetSplits", "Datum", "ShiftSet", "LAYOUTS", "read_coop_dataset", "few_shot", "sample_per_class",
            "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_sample_differs", "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet",
-           "read_shift_set"]
+           "read_shift_set", "load_dataset"]

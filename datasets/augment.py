@@ -35,12 +35,13 @@ CROP_RATIO = (3 / 4, 4 / 3)
 BICUBIC_A = -0.5                         # torch's antialiased bicubic kernel (Keys, as PIL)
 
 
-def crop_params(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's sampling (scale 0.8–1, ratio 3/4–4/3, 10 tries, else a centre crop)."""
+def crop_params(height: int, width: int, gen: torch.Generator,
+                scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's sampling (scale 0.8–1 by default, ratio 3/4–4/3, 10 tries, else a centre crop)."""
     area = height * width
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for _ in range(10):
-        target = area * torch.empty(1).uniform_(*CROP_SCALE, generator=gen).item()
+        target = area * torch.empty(1).uniform_(*scale, generator=gen).item()
         aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=gen).item())
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
@@ -119,12 +120,13 @@ class PreparedBatch:
 
 
 def prepare_batch(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,
-                  batched: bool | None = None) -> PreparedBatch:
+                  batched: bool | None = None, scale: tuple[float, float] = CROP_SCALE) -> PreparedBatch:
     """Draw flips and crops for the batch (the per-image transform's generator calls, in its
     order: the flips, then each image's crop) and gather the crops for ``device``.
-    ``batched``: resize with the batched products (default: on every device but the CPU)."""
+    ``batched``: resize with the batched products (default: on every device but the CPU).
+    ``scale``: the crops' area range (Tip-Adapter's views use 0.5–1)."""
     flips = torch.rand(len(images), generator=gen) < 0.5
-    boxes = [crop_params(img.shape[1], img.shape[2], gen) for img in images]
+    boxes = [crop_params(img.shape[1], img.shape[2], gen, scale) for img in images]
     sizes = torch.tensor([[h, w] for _, _, h, w in boxes], dtype=torch.long)
     crops = [img[:, top:top + h, left:left + w] for img, (top, left, h, w) in zip(images, boxes)]
     if not (device.type != "cpu" if batched is None else batched):
@@ -138,7 +140,7 @@ def prepare_batch(images: list[torch.Tensor], size: int, gen: torch.Generator, d
 
 
 def augment(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,
-            amp: bool = False) -> torch.Tensor:
+            amp: bool = False, scale: tuple[float, float] = CROP_SCALE) -> torch.Tensor:
     """doc/method.md §6's training transform on decoded ``3×H×W`` uint8 images: random resized
     crop (bicubic, antialiased), horizontal flip, CLIP normalisation — on ``device``."""
-    return prepare_batch(images, size, gen, device).finish(device, amp)
+    return prepare_batch(images, size, gen, device, scale=scale).finish(device, amp)

@@ -89,7 +89,7 @@ def make_loader(items: list[Datum], transform, batch_size: int, *, shuffle: bool
                 seed: int = 0, device: torch.device | None = None) -> DataLoader:
     """Batches of ``(images or None, labels, failures)``; see ``ImageList``. ``num_workers`` may be
     'auto' (``utils.resolve_workers``)."""
-    num_workers = resolve_workers(num_workers)
+    num_workers = resolve_workers(num_workers, len(items))
     generator = torch.Generator().manual_seed(seed)  # shuffling and worker seeds follow the run's seed
     return DataLoader(
         ImageList(items, transform), batch_size=batch_size, shuffle=shuffle, drop_last=False,

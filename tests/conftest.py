@@ -69,8 +69,9 @@ def args_for(root, tmp_path, *extra):
 
 def cli(argv, capsys, entry="main"):
     """Run an entry point in this process, as its command line would; (exit code, stdout, stderr)."""
+    import importlib
     from utils import run_main
-    module = __import__(entry)
+    module = importlib.import_module(entry)
     code = run_main(module.main, argv)
     out, err = capsys.readouterr()
     return code, out, err

@@ -1,0 +1,54 @@
+"""Baselines measured on the same ground as RAFT (doc/baselines.md): the same few-shot images,
+the same cached CLIP features and text matrix, and every hyper-parameter chosen on
+validation data. One small module per method; ``run_baselines`` runs a list of them."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import Baseline, BaselineData, accuracy
+from .linear_probe import LinearProbe
+from .tip_adapter import TipAdapter
+from .tip_adapter_f import TipAdapterF
+from .zero_shot import ZeroShot
+
+BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (ZeroShot, LinearProbe, TipAdapter, TipAdapterF)}
+
+
+def run_baselines(names: list[str], data: BaselineData,
+                  targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], log) -> dict:
+    """Fit, choose and score each method. ``targets``: name -> (features, labels, text); a
+    target's text is None when its classes are the trained ones (every method is scored),
+    else the zero-shot classifier of its own classes (base-to-new's new classes: only
+    zero-shot CLIP can score them)."""
+    out = {}
+    for name in names:
+        start = time.perf_counter()
+        method = BASELINES[name]()
+        with torch.no_grad():
+            method.fit(data)
+            chosen = method.choose(data)
+            result = {"hyper": chosen}
+            if data.val is not None:
+                result["val_acc"] = accuracy(method.logits(data, data.val), data.val_labels)
+            for target, (features, labels, text) in targets.items():
+                if text is None:
+                    result[target] = accuracy(method.logits(data, features), labels)
+                elif name == "zero_shot":
+                    result[target] = accuracy(data.scale * features @ text, labels)
+        result["seconds"] = time.perf_counter() - start
+        if method.note:
+            result["note"] = method.note
+        if "base_acc" in result and "new_acc" in result:   # base-to-new: zero-shot CLIP has both
+            from evaluation import harmonic_mean
+            result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
+        result.setdefault("test_acc", result.get("hm", result.get("base_acc")))
+        out[name] = result
+        log.info(f"baseline {name}: " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()
+                                                  if k not in ("hyper", "seconds", "note"))
+                 + f"  {chosen}  ({result['seconds']:.1f}s)")
+    return out
+
+
+__all__ = ["BASELINES", "BaselineData", "run_baselines"]

@@ -1,0 +1,85 @@
+"""Linear probe (the CLIP paper's protocol, as CoOp runs it; doc/baselines.md).
+
+Multinomial logistic regression on the few-shot images' ``v0``: minimise
+``C · Σ_i CE(W f_i + b, y_i) + ½‖W‖²`` (the bias unpenalised, as scikit-learn's lbfgs) with
+L-BFGS, up to 1000 iterations. ``C`` is chosen on validation accuracy: a coarse log grid
+1e-6 … 1e6, then a finer one around the best (ties go to the smaller C, the simpler model).
+Without validation data it falls back to C = 1 (scikit-learn's default) and says so.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Baseline, BaselineData, accuracy, best_index
+
+COARSE = [10.0 ** k for k in range(-6, 7)]
+FINE = [10.0 ** (k / 3) for k in (-2, -1, 1, 2)]   # times the coarse best
+FALLBACK_C = 1.0
+MAX_ITER = 1000
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) minimising the objective above; float64, full batch, L-BFGS with a strong-Wolfe
+    line search. Solved as ``mean CE + λ/2 ‖W‖²`` with λ = 1/(C·N) (the same minimiser), with
+    ``W = s·V``, s = 1/√(1+λ): V's curvature is then about 1 whatever C is, so a small C (a
+    large λ) converges as fast as a large one."""
+    x = features.double()
+    n, d = x.shape
+    lam = 1.0 / (c * n)
+    s = (1.0 + lam) ** -0.5
+    v = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device) if init is None else init[0] / s
+    b = torch.zeros(num_classes, dtype=torch.float64, device=x.device) if init is None else init[1].clone()
+    optimizer = torch.optim.LBFGS([v, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-10,
+                                  history_size=20, line_search_fn="strong_wolfe")
+    one_hot = F.one_hot(labels, num_classes).double()
+
+    def objective():  # the loss and its gradient written out: no autograd graph per evaluation
+        w = s * v
+        logits = x @ w.T + b
+        log_p = logits.log_softmax(-1)
+        loss = -(log_p * one_hot).sum() / n + 0.5 * lam * (w * w).sum()
+        residual = (log_p.exp() - one_hot) / n           # d loss / d logits
+        v.grad = s * (residual.T @ x + lam * w)
+        b.grad = residual.sum(0)
+        return loss
+
+    optimizer.step(objective)
+    return (s * v).detach(), b.detach()
+
+
+class LinearProbe(Baseline):
+    name = "linear_probe"
+
+    def fit(self, data: BaselineData) -> None:
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _fit(self, data: BaselineData, c: float, init=None):
+        return fit_logistic(data.train, data.train_labels, data.num_classes, c, init)
+
+    def choose(self, data: BaselineData) -> dict:
+        if data.val is None:
+            self.weights = self._fit(data, FALLBACK_C)
+            return {"C": FALLBACK_C, "C_source": "fixed: no validation data (scikit-learn's default C)"}
+        fits, scores = {}, {}
+        previous = None
+        for c in COARSE:  # increasing C, each fit warm-started from the previous solution
+            fits[c] = previous = self._fit(data, c, previous)
+            scores[c] = accuracy(self._apply(fits[c], data.val), data.val_labels)
+        coarse = COARSE[best_index([scores[c] for c in COARSE])]
+        for c in (coarse * f for f in FINE):
+            fits[c] = self._fit(data, c, fits[coarse])
+            scores[c] = accuracy(self._apply(fits[c], data.val), data.val_labels)
+        candidates = sorted(fits)
+        chosen = candidates[best_index([scores[c] for c in candidates])]
+        self.weights = fits[chosen]
+        return {"C": chosen, "C_source": "val", "searched": len(candidates)}
+
+    @staticmethod
+    def _apply(weights, features: torch.Tensor) -> torch.Tensor:
+        w, b = weights
+        return features.double() @ w.T + b
+
+    def logits(self, data: BaselineData, features: torch.Tensor) -> torch.Tensor:
+        return self._apply(self.weights, features)

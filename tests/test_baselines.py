@@ -1,0 +1,154 @@
+"""The baselines (doc/baselines.md): correct against independent computations, selected on
+validation data only, on the run's own images and cached features."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from baselines import BASELINES, BaselineData, run_baselines
+from baselines.linear_probe import fit_logistic
+from baselines.tip_adapter import cache_keys, check_fits, tip_logits
+from conftest import ROOT, args_for, cli, one_line_error, run_dir
+from utils import RaftError
+
+LOG = logging.getLogger("test")
+
+
+def clustered(n_per_class, classes=6, dim=32, spread=0.9, seed=0):
+    """Features around class centres (unit norm), as CLIP's features of a few-shot task look."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0))   # the same task for every split
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centres[labels] + spread * torch.randn(len(labels), dim, generator=gen)
+    return torch.nn.functional.normalize(x, dim=-1), labels
+
+
+@pytest.fixture(scope="module")
+def task():
+    train, train_labels = clustered(8, seed=1)
+    val, val_labels = clustered(6, seed=2)
+    test, test_labels = clustered(20, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    views = torch.nn.functional.normalize(train + 0.2 * torch.randn(10, *train.shape, generator=gen), dim=-1)
+    centres = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))        # clustered()'s class centres
+    text = torch.nn.functional.normalize(centres.T + 3.0 * torch.randn(32, 6, generator=gen), dim=0)  # a weak zero-shot
+    data = BaselineData(text, train, train_labels, views, val, val_labels, 100.0, 1)
+    return data, test, test_labels
+
+
+@pytest.mark.parametrize("c", [1e-2, 1.0, 10.0, 100.0])
+def test_linear_probe_matches_scikit_learn(task, c):
+    from sklearn.linear_model import LogisticRegression
+    data, test, test_labels = task
+    w, b = fit_logistic(data.train, data.train_labels, data.num_classes, c)
+    ours = 100.0 * ((test.double() @ w.T + b).argmax(1) == test_labels).double().mean().item()
+    ref = LogisticRegression(C=c, max_iter=1000).fit(data.train.numpy(), data.train_labels.numpy())
+    theirs = 100.0 * (ref.predict(test.numpy()) == test_labels.numpy()).mean()
+    assert abs(ours - theirs) <= 0.5, (c, ours, theirs)
+
+
+def test_linear_probe_without_validation_data_states_its_fixed_c(task):
+    data, test, test_labels = task
+    no_val = BaselineData(data.text, data.train, data.train_labels, data.views, None, None)
+    out = run_baselines(["linear_probe"], no_val, {"test_acc": (test, test_labels, None)}, LOG)["linear_probe"]
+    assert out["hyper"]["C"] == 1.0 and out["hyper"]["C_source"].startswith("fixed: no validation data")
+    assert "val_acc" not in out
+
+
+def direct_tip(data, features, keys, a, b):
+    """Tip-Adapter's formula written out: 100·f·T + a·exp(-b(1 - f·Kᵀ))·L, L one-hot."""
+    one_hot = torch.nn.functional.one_hot(data.train_labels, data.num_classes).float()
+    return 100.0 * features @ data.text + a * torch.exp(-b * (1.0 - features @ keys.T)) @ one_hot
+
+
+def test_tip_adapter_logits_are_the_formula_and_a_zero_is_zero_shot(task):
+    data, test, _ = task
+    keys = cache_keys(data.views)
+    assert torch.allclose(keys, torch.nn.functional.normalize(data.views.mean(0), dim=-1))
+    for a, b in ((1.0, 1.0), (2.3, 5.5)):
+        assert torch.allclose(tip_logits(data, test, keys, data.train_labels, a, b), direct_tip(data, test, keys, a, b),
+                              atol=1e-4)
+    assert torch.equal(tip_logits(data, test, keys, data.train_labels, 0.0, 5.0), data.zero_shot_logits(test))
+
+
+def test_permuting_test_labels_changes_no_choice(task):
+    data, test, test_labels = task
+    shuffled = test_labels[torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(0))]
+    names = list(BASELINES)
+    first = run_baselines(names, data, {"test_acc": (test, test_labels, None)}, LOG)
+    again = run_baselines(names, data, {"test_acc": (test, shuffled, None)}, LOG)
+    for name in names:
+        assert first[name]["hyper"] == again[name]["hyper"], name
+        assert first[name]["val_acc"] == again[name]["val_acc"]
+
+
+def test_trained_baselines_learn_from_the_few_shot_images(task):
+    data, test, test_labels = task
+    out = run_baselines(list(BASELINES), data, {"test_acc": (test, test_labels, None)}, LOG)
+    assert out["linear_probe"]["test_acc"] > 60
+    for name in ("tip_adapter", "tip_adapter_f"):   # the cache adds to a weak zero-shot classifier
+        assert out[name]["test_acc"] > out["zero_shot"]["test_acc"] + 5, (name, out[name], out["zero_shot"])
+    assert out["tip_adapter_f"]["hyper"]["epoch"] >= 1 and "cached augmented views" in out["tip_adapter_f"]["note"]
+
+
+def test_a_cache_too_large_for_the_device_is_named(monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sysconf", lambda name: 1024 if name == "SC_AVPHYS_PAGES" else 4096)  # 4 MiB free
+    with pytest.raises(RaftError, match=r"Tip-Adapter's cache \(16000 keys × 1024 = 0\.06 GiB.*does not fit"):
+        check_fits(torch.zeros(16000, 1024), torch.device("cpu"))
+
+
+def test_unknown_method_names_the_closest(tmp_path, capsys):
+    code, _, err = cli(["--config", str(ROOT / "configs/dtd.yaml"), "--baselines", "[tip_adaptr]"], capsys)
+    one_line_error(code, err, "unknown baseline 'tip_adaptr'", "did you mean 'tip_adapter'")
+
+
+# --------------------------------------------------------------------------- in a run
+def demo_args(demo_root, tmp_path, *extra):
+    return ["--config", str(ROOT / "configs/demo.yaml"), "--data_path", str(demo_root), "--num_classes", "4",
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--shots", "8",
+            "--train_epoch", "6", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0", "--name", "",
+            *extra]
+
+
+def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_path, capsys, monkeypatch):
+    assert cli(demo_args(demo_root, tmp_path), capsys)[0] == 0
+    folder = tmp_path / "out" / "demo" / "tiny-rn_8shots_seed1"
+    results = json.loads((folder / "results.json").read_text())
+    methods = results["baselines"]
+    assert list(methods) == ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f"]
+    assert methods["zero_shot"]["test_acc"] == results["zero_shot_acc"]       # the same features and text
+    for name in ("linear_probe", "tip_adapter", "tip_adapter_f"):
+        assert methods[name]["test_acc"] > 25, (name, methods[name])          # above chance (4 classes)
+        assert "val_acc" in methods[name] and methods[name]["seconds"] >= 0
+    assert set(methods["tip_adapter"]["hyper"]) == {"a", "b", "ab_source"}
+    # evaluating again recomputes nothing: val/test, the few-shot images and their views are cached
+    from clip.backbone import FrozenCLIP
+    calls = []
+    real = FrozenCLIP.encode_image
+    monkeypatch.setattr(FrozenCLIP, "encode_image", lambda self, x: calls.append(len(x)) or real(self, x))
+    code, _, err = cli(demo_args(demo_root, tmp_path, "--eval-only"), capsys)
+    assert code == 0, err
+    assert not calls
+    again = json.loads((folder / "results_eval.json").read_text())["baselines"]
+    assert {k: v["test_acc"] for k, v in again.items()} == {k: v["test_acc"] for k, v in methods.items()}
+    # baselines/run.py: the same numbers without training RAFT
+    code, out, err = cli(demo_args(demo_root, tmp_path, "--output_dir", str(tmp_path / "alone")), capsys,
+                         entry="baselines.run")
+    assert code == 0, err
+    alone = json.loads((tmp_path / "alone" / "demo" / "tiny-rn_8shots_seed1" / "baselines.json").read_text())
+    assert {k: v["test_acc"] for k, v in alone["baselines"].items()} == {k: v["test_acc"] for k, v in methods.items()}
+    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
+    assert code == 0 and "| demo | 8 | " in out and "Tip-Adapter-F" in out
+
+
+def test_base_to_new_scores_zero_shot_on_both_and_the_rest_on_base(dtd, tmp_path, capsys):
+    assert cli(args_for(dtd, tmp_path, "--protocol", "base2new", "--baselines", "[zero_shot, linear_probe]"),
+               capsys)[0] == 0
+    r = json.loads((tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_base2new" / "results.json").read_text())
+    zero, probe = r["baselines"]["zero_shot"], r["baselines"]["linear_probe"]
+    assert {"base_acc", "new_acc", "hm"} <= set(zero) and "new_acc" not in probe
+    assert zero["base_acc"] == r["base2new"]["base"]["zero_shot_acc"]
+    assert zero["new_acc"] == r["base2new"]["new"]["zero_shot_acc"]
