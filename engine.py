@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 from baselines import BaselineData, run_baselines
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
+from clip.reference import make_region_pool, never_moved
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
                       saved_sample_differs, validation_from_train)
@@ -218,11 +220,14 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
               f"evaluates it again under other evaluation settings)")
         return None
     plan.log = setup_logging(run_dir / "log.txt")
-    remove_temporaries(run_dir)  # left by a process killed while writing
-    if flags.force:
-        plan.state_path.unlink(missing_ok=True)
-        plan.ckpt_path.unlink(missing_ok=True)
-    elif plan.ckpt_path.is_file():  # trained, but stopped before its results were written
+    world = distributed.WORLD
+    if world.main:
+        remove_temporaries(run_dir)  # left by a process killed while writing
+        if flags.force:
+            plan.state_path.unlink(missing_ok=True)
+            plan.ckpt_path.unlink(missing_ok=True)
+    world.barrier()  # every process sees the folder as rank 0 left it
+    if not flags.force and plan.ckpt_path.is_file():  # trained, but stopped before its results were written
         ckpt = read_checkpoint(plan.ckpt_path)
         check_backbone(ckpt, plan.ckpt_path, cfg)
         changed = settings_differ(ckpt["config"], cfg)
@@ -343,7 +348,7 @@ def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets,
     log = plan.log
     clip = load_frozen_clip(cfg, images, plan, device)
     text, target_text = task_texts(clip, cfg, task, device, log)
-    pool = clip.region_pool(cfg.mask_bg_in_cls).to(device)
+    pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision).to(device)
     log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): {clip.spec.what} "
              f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding {clip.embed_dim}, "
              f"{pool.num_heads} heads, {sum(p.numel() for p in pool.parameters() if p.requires_grad):,} "
@@ -359,11 +364,13 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
         load_pool_state(model.pool, plan.ckpt, plan.ckpt_path)
         log.info(f"loaded region pool from {plan.ckpt_path}")
         return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
-    write_yaml(plan.run_dir / "config.yaml", dict(cfg))
-    save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
-              shots=cfg.shots, seed=cfg.seed)
-    if images.val_source not in (None, "split"):
-        save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
+    world = distributed.WORLD
+    if world.main:
+        write_yaml(plan.run_dir / "config.yaml", dict(cfg))
+        save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
+                  shots=cfg.shots, seed=cfg.seed)
+        if images.val_source not in (None, "split"):
+            save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
     set_seed(cfg.seed)
     start = time.perf_counter()
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp, num_workers=cfg.num_workers)
@@ -375,9 +382,11 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     prepare_seconds = time.perf_counter() - start
     stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]
-    save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
-                    sample_digest(images.train, data.image_root or data.root))
-    plan.state_path.unlink(missing_ok=True)
+    if world.main:
+        save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
+                        sample_digest(images.train, data.image_root or data.root))
+        plan.state_path.unlink(missing_ok=True)
+    world.barrier()
     log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
     return train_seconds
 
@@ -404,10 +413,13 @@ class SplitFeatures:
         return store, None if keep is None else torch.nonzero(torch.isin(store.labels, torch.tensor(keep))).flatten()
 
     def batches(self, items: list[Datum], split: str, view: DatasetSplits):
-        """(trunk output, v0, labels) batches of the view's images among ``items``."""
+        """(trunk output, v0, labels) batches of the view's images among ``items`` (under
+        torchrun: this process's share of them)."""
         store, rows = self._rows_of(items, split, view)
         if store is not None:
-            return store.batches(self.cfg.eval_batch_size, self.device, order=rows)
+            rows = torch.arange(len(store)) if rows is None else rows
+            mine = rows[distributed.WORLD.shard(len(rows))]
+            return store.batches(self.cfg.eval_batch_size, self.device, order=mine)
         return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.image_size),
                             self.cfg.eval_batch_size, self.cfg.num_workers, self.device, self.amp,
                             self.skipped[split] if self.cfg.bad_images == "skip" else None)
@@ -423,8 +435,16 @@ class SplitFeatures:
 
     def logits(self, pool: torch.nn.Module, text: torch.Tensor, items: list[Datum], split: str,
                view: DatasetSplits) -> SplitLogits:
+        """The split's logits; under torchrun each process scores its share of the images, then
+        every process gets all of them (each image scored exactly once)."""
         logits = collect_logits(pool, text, self.batches(items, split, view), self.device, self.amp, split,
                                 self.cfg.logit_scale)
+        world = distributed.WORLD
+        if world.many:
+            total = world.gather_objects((logits.bg_cos * len(logits.labels), len(logits.labels)))
+            logits = SplitLogits(world.gather(logits.cls), world.gather(logits.clip), world.gather(logits.labels),
+                                 sum(c for c, _ in total) / max(1, sum(n for _, n in total)),
+                                 world.gather(logits.v0))
         return logits._replace(labels=self.relabel(logits.labels, view, split))
 
     def v0(self, items: list[Datum], split: str, view: DatasetSplits) -> SplitLogits:
@@ -550,13 +570,16 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
         **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "numerics": evaluation["numerics"],
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "world_size": distributed.WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
     results["alpha_curve"] = results.pop("alpha_curve")  # the long lists last, for readability
+    if not distributed.WORLD.main:  # one writer; every process holds the same numbers
+        return results
     write_json(plan.results_path, results)
     log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
              f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
@@ -585,15 +608,21 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
 
     Safe to kill at any moment: started again with the same command it resumes training
     from its last saved state (training.py), or evaluates the finished checkpoint."""
+    world = distributed.start(cfg.device, cfg.dist_timeout)
+    if world.many and cfg.batch_size < world.size:
+        raise RaftError(f"batch_size {cfg.batch_size} is smaller than the {world.size} torchrun processes: each "
+                        f"process needs images of every global batch (raise batch_size or use fewer processes)")
     plan = plan_run(cfg, flags, data)
     if plan is None:
         return None
     cfg, log = plan.cfg, plan.log
-    device = resolve_device(cfg.device)
+    device = resolve_device(f"cuda:{world.local_rank}" if world.many and cfg.device in ("auto", "cuda")
+                            and torch.cuda.is_available() else cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
     if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
         torch.backends.cudnn.benchmark = True
-    log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}")
+    log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}"
+             + (f"  {world.size} processes (torchrun)" if world.many else ""))
     if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
         raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
                         f"has {data.num_classes} classes")
@@ -604,6 +633,8 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     start = time.perf_counter()
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
     eval_seconds = time.perf_counter() - start
+    evaluation["numerics"] = {"pool_precision": cfg.pool_precision, "never_moved": never_moved(
+        make_region_pool(model.clip, cfg.mask_bg_in_cls, cfg.pool_precision).state_dict(), model.pool.state_dict())}
     baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
     return write_results(cfg, data, plan, evaluation, baselines, train_seconds, eval_seconds, device)
 
@@ -661,7 +692,13 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
     else:
         log.info(f"class descriptions: none, templates {templates}")
     sentences = class_sentences(data.classnames, templates, descriptions, str(source))
-    return cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
+    world = distributed.WORLD
+    if world.main:  # one process encodes and caches; the others then read the cache
+        text = cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
+    world.barrier()
+    if not world.main:
+        text = cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
+    return text
 
 
 def calibrate_on(clip: FrozenCLIP, items, cfg: Config, device: torch.device, log) -> None:

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +34,8 @@ from datasets.base import Datum
 from datasets.augment import CROP_RATIO, CROP_SCALE, augment, crop_params, prepare_batch  # noqa: F401 (re-exported)
 from datasets.loader import UnreadableImage, eval_transform, make_loader, read_rgb
 from utils import RaftError, autocast, background, resolve_workers, sha256_text
+
+import distributed
 
 log = logging.getLogger("raft")
 
@@ -91,18 +94,23 @@ class FeatureStore:
 
     def batches(self, batch_size: int, device: torch.device, order: torch.Tensor | None = None,
                 offset: int = 0, count: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Rows ``offset + order`` (or all, in order) as float tensors on ``device``. A background
-        thread reads the next batches from the memory maps (into pinned memory for a GPU) while
-        the current one is used."""
+        """Rows ``offset + order`` (or all, in order) as float tensors on ``device``, ``batch_size`` at a time."""
         if count is None:
             count = len(self) - offset if order is None else len(order)
         index = torch.arange(count) if order is None else order
+        groups = [index[start:start + batch_size] for start in range(0, count, batch_size)]
+        return self.read_groups(groups, device, offset, contiguous=order is None)
+
+    def read_groups(self, groups: list[torch.Tensor], device: torch.device, offset: int = 0,
+                    contiguous: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One batch per group of rows (a group may be empty: a torchrun process's share of a
+        small last batch). A background thread reads the next batches from the memory maps
+        (into pinned memory for a GPU) while the current one is used."""
         pin = device.type == "cuda"
 
         def read():
-            for start in range(0, count, batch_size):
-                rows = index[start:start + batch_size].numpy() + offset
-                contiguous = order is None
+            for group in groups:
+                rows = group.numpy() + offset
                 yield (self._rows(self.maps, rows, contiguous, pin), self._rows(self.pooled, rows, contiguous, pin),
                        self.labels[torch.from_numpy(rows)])
 
@@ -120,12 +128,48 @@ class FeatureStore:
         else the rows in ascending order (kinder to the disk), put back in the asked order."""
         dtype = torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
         out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, pin_memory=pin)
+        if not len(rows):
+            return out
         if contiguous:
             out.numpy()[:] = array[rows[0]:rows[-1] + 1]
         else:
             ascending = np.argsort(rows)
             out.numpy()[ascending] = array[rows[ascending]]
         return out
+
+
+@contextmanager
+def cache_lock(path: Path):
+    """Hold an advisory lock of the OS (``<cache>/locks/<store>.lock``) while a cache is checked
+    and built: a second process building the same cache at once waits, then finds it built.
+    Without fcntl (Windows) there is no lock; the build is still atomic (a temporary folder
+    renamed into place). The lock files stay: removing one while a process waits on it would
+    let a third one take a new lock beside it."""
+    locks = path.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(locks / f"{path.name}.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def cached_store(path: Path, key: str, build, found: str) -> FeatureStore:
+    """The store at ``path`` if it holds ``key`` (logging ``found``), else ``build()``'s, under
+    ``cache_lock``. The decision is rank 0's, for every process of a torchrun run (they build
+    it together)."""
+    world = distributed.WORLD
+    with cache_lock(path) if world.main else nullcontext():
+        if world.any(world.main and FeatureStore.valid(path, key)):
+            log.info(found)
+            return FeatureStore(path)
+        return build()
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -257,22 +301,34 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
                 map_shape: tuple | None = None) -> FeatureStore:
     """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
     images it could not read to ``skipped``) into a store; float16 maps unless a value
-    overflows float16, then float32. ``map_shape``: one row's trunk output (default: the model's)."""
+    overflows float16, then float32. ``map_shape``: one row's trunk output (default: the model's).
+    Under torchrun every process computes its share of each batch; rank 0 gathers the shares
+    in order and alone writes, the others open the store once it is in place."""
+    world = distributed.WORLD
     map_shape = tuple(clip.feature_shape) if map_shape is None else map_shape
     for dtype in (np.float16, np.float32):
-        writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype))
+        writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype)) if world.main else None
         try:
             skipped = []
             for fmap, v0, labels in tqdm(batches(skipped), desc=desc, leave=False, dynamic_ncols=True,
-                                         disable=None):
-                writer.write(fmap, v0, labels)
-            if writer.finish():
-                return writer.commit({**manifest, "skipped": skipped, "family": clip.family})
+                                         disable=None if world.main else True):
+                if world.many:
+                    fmap, v0, labels = world.gather(fmap), world.gather(v0), world.gather(labels)
+                if writer is not None:
+                    writer.write(fmap, v0, labels)
+            fits = not world.any(writer is not None and not writer.finish())
+            skipped = [path for part in world.gather_objects(skipped) for path in part]
+            if fits:
+                store = writer.commit({**manifest, "skipped": skipped, "family": clip.family}) if writer else None
+                world.barrier()
+                return store or FeatureStore(final)
             log.info(f"{desc}: trunk features overflow float16, storing float32")
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
-        writer.abort()
+        if writer is not None:
+            writer.abort()
     raise RaftError(f"{desc}: the trunk produced non-finite features")
 
 
@@ -281,9 +337,18 @@ def live_batches(clip, items: list[Datum], transform, batch_size: int, num_worke
     """Decode, transform and run the trunk batch by batch (the uncached path).
 
     An unreadable image stops with its name, or, when ``skipped`` is a list (the
-    ``bad_images: skip`` policy), is left out and recorded there."""
-    loader = make_loader(items, transform, batch_size, shuffle=False, num_workers=num_workers, device=device)
-    for images, labels, failures in loader:
+    ``bad_images: skip`` policy), is left out and recorded there. Under torchrun each
+    process computes its share of every batch of ``batch_size`` × processes images, and
+    yields one (possibly empty) batch per such batch, so that the processes' batches line up
+    (``build_store`` puts the shares back in order)."""
+    world = distributed.WORLD
+    span = batch_size * world.size
+    shares = [items[start:start + span][world.shard(len(items[start:start + span]))]
+              for start in range(0, len(items), span)]
+    mine = [d for share in shares for d in share]
+    batches = iter(make_loader(mine, transform, batch_size, shuffle=False, num_workers=num_workers, device=device))
+    for share in shares:
+        images, labels, failures = next(batches) if share else (None, torch.zeros(0, dtype=torch.long), [])
         if failures:
             if skipped is None:
                 raise RaftError(f"unreadable image {failures[0]} (set bad_images: skip to leave such "
@@ -291,7 +356,9 @@ def live_batches(clip, items: list[Datum], transform, batch_size: int, num_worke
             skipped.extend(failures)
             log.warning(f"warning: skipped unreadable image(s): {'; '.join(failures)}")
         if images is None:
-            continue
+            if not world.many:
+                continue
+            images = torch.zeros(0, 3, clip.image_size, clip.image_size)
         with autocast(device, amp):
             fmap, v0 = clip.encode_image(images.to(device, non_blocking=True))
         yield fmap, v0, labels.to(device, non_blocking=True)
@@ -307,17 +374,19 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
                       file_stamps(items), amp and device.type == "cuda", skip_bad, *([] if keep_maps else ["v0 only"]))
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
-    if FeatureStore.valid(path, key):
-        log.info(f"{name}: cached trunk features {path}")
-        return FeatureStore(path)
-    start = time.perf_counter()
-    store = build_store(path, {"key": key, "kind": "eval", "name": name, "images": len(items),
-                               "transform": repr(transform)}, len(items),
-                        lambda skipped: live_batches(clip, items, transform, batch_size, num_workers, device, amp,
-                                                     skipped if skip_bad else None),
-                        clip, f"features: {name}", None if keep_maps else NO_MAPS)
-    log.info(f"{name}: trunk features of {len(items)} images cached in {time.perf_counter() - start:.1f}s ({path})")
-    return store
+
+    def build() -> FeatureStore:
+        start = time.perf_counter()
+        store = build_store(path, {"key": key, "kind": "eval", "name": name, "images": len(items),
+                                   "transform": repr(transform)}, len(items),
+                            lambda skipped: live_batches(clip, items, transform, batch_size, num_workers, device,
+                                                         amp, skipped if skip_bad else None),
+                            clip, f"features: {name}", None if keep_maps else NO_MAPS)
+        log.info(f"{name}: trunk features of {len(items)} images cached in {time.perf_counter() - start:.1f}s "
+                 f"({path})")
+        return store
+
+    return cached_store(path, key, build, f"{name}: cached trunk features {path}")
 
 
 # --------------------------------------------------------------------------- faithful training
@@ -391,6 +460,10 @@ class LiveSource:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
+    def batch_images(self, position: int) -> int:
+        """The number of images in the epoch's batch ``position`` (all processes together)."""
+        return min(self.batch_size, len(self.labels) - position * self.batch_size)
+
     def state_dict(self) -> dict:
         aug = self.aug_state if self.aug_state is not None else self.aug_gen.get_state()
         return {"order_gen": self.order_gen.get_state(), "aug_gen": aug, "order": self.order}
@@ -411,9 +484,10 @@ class LiveSource:
 
         def host_work():  # in the background thread: the generator's calls, in batch order
             for idx in chunks:
+                mine = distributed.WORLD.shard(len(idx))   # a torchrun process's part of the global batch
                 batch = prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen,
-                                      self.device)
-                labels = self.labels[idx]
+                                      self.device, keep=mine)
+                labels = self.labels[idx[mine]]
                 yield batch, (labels.pin_memory() if pin else labels), self.aug_gen.get_state()
 
         feed = iter(background(host_work(), depth=2))
@@ -442,21 +516,35 @@ def view_store(clip, items: list[Datum], views: int, seed: int, cache_dir: str |
                       *parts, *([] if keep_maps else ["v0 only"]))  # RAFT's view caches keep their old keys
     kind = "views" if keep_maps else "v0views"
     path = Path(cache_dir) / "features" / f"{name}_{kind}{views}_{clip.backbone}_{key[:20]}"
-    if FeatureStore.valid(path, key):
-        log.info(f"{views} augmented views: cached {path}")
-        return FeatureStore(path)
+    return cached_store(path, key, lambda: build_views(clip, items, views, seed, path, key, kind, device, amp,
+                                                       num_workers, batch_size, scale, margin, keep_maps),
+                        f"{views} augmented views: cached {path}")
+
+
+def build_views(clip, items, views, seed, path, key, kind, device, amp, num_workers, batch_size, scale, margin,
+                keep_maps) -> FeatureStore:
     start = time.perf_counter()
     images = decode_images(items, clip.image_size, num_workers, min(margin, DECODE_MARGIN))
     labels = torch.tensor([d.label for d in items])
     gen = torch.Generator().manual_seed(seed + 2_000_003)
 
+    world = distributed.WORLD
+    empty = torch.zeros(0, 3, clip.image_size, clip.image_size)
+
     def batches(skipped):
+        starts = list(range(0, len(images), batch_size))
         for _ in range(views):  # each pass draws new crops from gen
-            for s in range(0, len(images), batch_size):
-                batch = augment(images[s:s + batch_size], clip.image_size, gen, device, amp, scale)
+            for first in range(0, len(starts), world.size):   # a round: chunk first + k goes to process k
+                batch, rows = empty.to(device), slice(0)
+                for rank, s in enumerate(starts[first:first + world.size]):   # every process draws every crop
+                    mine = rank == world.rank
+                    prepared = prepare_batch(images[s:s + batch_size], clip.image_size, gen, device, scale=scale,
+                                             keep=slice(None) if mine else slice(0))
+                    if mine:
+                        batch, rows = prepared.finish(device, amp), slice(s, s + batch_size)
                 with autocast(device, amp):
                     fmap, v0 = clip.encode_image(batch)
-                yield fmap, v0, labels[s:s + batch_size]
+                yield fmap, v0, labels[rows]
 
     store = build_store(path, {"key": key, "kind": f"train-{kind}", "views": views, "images": len(items),
                                "crop_scale": list(scale)},
@@ -480,6 +568,10 @@ class ViewSource:
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
+    def batch_images(self, position: int) -> int:
+        """The number of images in the epoch's batch ``position`` (all processes together)."""
+        return min(self.batch_size, self.n - position * self.batch_size)
+
     def state_dict(self) -> dict:
         return {"order_gen": self.order_gen.get_state(), "order": self.order}
 
@@ -492,4 +584,6 @@ class ViewSource:
             self.order = torch.randperm(self.n, generator=self.order_gen)
         view = (epoch - 1) % self.views
         rest = self.order[start * self.batch_size:]
-        yield from self.store.batches(self.batch_size, self.device, rest, offset=view * self.n, count=len(rest))
+        chunks = [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
+        shares = [chunk[distributed.WORLD.shard(len(chunk))] for chunk in chunks]   # a torchrun process's part
+        yield from self.store.read_groups(shares, self.device, offset=view * self.n)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from clip.backbone import FrozenCLIP, load_open_clip, restore_batchnorm
+from clip.reference import make_region_pool
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
 from loss import cosine_logits
@@ -72,7 +73,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
         restore_batchnorm(clip, ckpt["trunk_batchnorm"])
     clip = clip.to(dev)
-    pool = clip.region_pool(cfg.mask_bg_in_cls)
+    pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision)
     pool.load_state_dict(ckpt["pool"])
     return TrainedRun(run_dir, cfg, clip, pool.to(dev).eval(), ckpt["text"].to(dev), list(ckpt["classnames"]),
                       alpha, source, dev)

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from loss import cosine_logits, raft_loss
+import distributed
+from clip.reference import reference_adamw
+from loss import cosine_logits, raft_loss, reference_loss
 from utils import SCHEMA, Config, RaftError, autocast, torch_load, torch_save
 
 STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
 NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
                      "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
-                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines"}
+                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines", "dist_timeout"}
 
 
 class Interrupted(RaftError):
@@ -109,28 +111,32 @@ class StopRequest:
 class EpochTally:
     """What an epoch adds up, kept on the device so that no step waits for the host: the
     loss terms weighted by batch size, correct predictions, images seen, and the first step
-    whose loss was not finite (with its terms). Read once per epoch, or at a save."""
+    whose loss was not finite (with its terms). Read once per epoch, or at a save. Under
+    torchrun each process adds its own part; reading sums them over the processes (the sums
+    carried over from a resumed state sit with rank 0 alone)."""
 
     TERMS = ("loss", "cls", "bg", "l1", "sep")
 
     def __init__(self, device: torch.device, progress: dict):
         dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-        sums = progress["sums"]
-        self.sums = torch.tensor([*(sums[k] for k in self.TERMS), progress["correct"], progress["seen"]],
-                                 dtype=dtype, device=device)
+        sums = progress["sums"] if distributed.WORLD.main else {k: 0.0 for k in self.TERMS}
+        carried = (progress["correct"], progress["seen"]) if distributed.WORLD.main else (0, 0)
+        self.sums = torch.tensor([*(sums[k] for k in self.TERMS), *carried], dtype=dtype, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_values = torch.zeros(len(self.TERMS), dtype=dtype, device=device)
 
-    def add(self, step: int, loss: torch.Tensor, terms: dict, correct: torch.Tensor, n: int) -> None:
+    def add(self, step: int, loss: torch.Tensor, terms: dict, correct: torch.Tensor, weight: int, seen: int) -> None:
+        """``weight``: the global batch's size (the loss is this process's share of its mean);
+        ``seen``: the images this process trained on."""
         values = torch.stack([loss.detach(), *(terms[k].detach() for k in self.TERMS[1:])]).to(self.sums.dtype)
-        self.sums += torch.cat([values * n, correct.to(self.sums.dtype).view(1), values.new_full((1,), n)])
+        self.sums += torch.cat([values * weight, correct.to(self.sums.dtype).view(1), values.new_full((1,), seen)])
         first = ~torch.isfinite(values[0]) & (self.bad_step < 0)
         self.bad_step = torch.where(first, step, self.bad_step)
         self.bad_values = torch.where(first, values, self.bad_values)
 
     def into(self, progress: dict) -> None:
-        """Copy the sums into the (saved, resumable) progress record: one host sync."""
-        values = self.sums.tolist()
+        """Copy the sums (over every process) into the (saved, resumable) progress record."""
+        values = distributed.WORLD.sum_(self.sums.clone()).tolist()
         progress["sums"] = dict(zip(self.TERMS, values[:len(self.TERMS)]))
         progress["correct"], progress["seen"] = int(values[-2]), int(values[-1])
 
@@ -138,9 +144,10 @@ class EpochTally:
         return (self.sums[0] / self.sums[-1].clamp_min(1)).item()
 
     def check_finite(self, per_epoch: int, state_path: Path | None) -> None:
-        """Stop, naming the step, if any loss so far was NaN or infinite."""
-        step = int(self.bad_step.item())
-        if step < 0:
+        """Stop, naming the step, if any loss so far was NaN or infinite (on any process)."""
+        none = torch.iinfo(torch.long).max
+        step = int(distributed.WORLD.min_(torch.where(self.bad_step < 0, none, self.bad_step)).item())
+        if step == none:
             return
         values = dict(zip(self.TERMS, self.bad_values.tolist()))
         kept = f"; the last good state is {state_path}" if state_path and state_path.is_file() else ""
@@ -171,9 +178,20 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
     (faithful mode) or read from cached views — and can save and restore its RNG state.
     With ``state_path`` the run resumes from, and saves to, that file.
     """
-    use_amp = cfg.amp and device.type == "cuda"
-    optimizer = adamw([p for p in pool.parameters() if p.requires_grad], cfg)
+    # float16_reference: float16 weights updated in place by torch's default AdamW, the loss on
+    # float16 logits, no autocast and no loss scaling (clip/reference.py)
+    world = distributed.WORLD
+    reference = cfg.pool_precision == "float16_reference"
+    if reference and world.many:
+        raise RaftError("pool_precision float16_reference trains as the published code does, in one process: "
+                        "run it without torchrun (its float16 gradients would be summed across processes)")
+    use_amp = cfg.amp and device.type == "cuda" and not reference
+    params = [p for p in pool.parameters() if p.requires_grad]
+    optimizer = reference_adamw(params, cfg.lr, cfg.eps, cfg.weight_decay) if reference else adamw(params, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = reference_loss if reference else raft_loss
+    if reference:
+        text = text.half()
     per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
     progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [],
@@ -193,6 +211,8 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
             return
         tally.check_finite(per_epoch, state_path)   # never save a state that has seen a NaN
         tally.into(progress)
+        if not world.main:  # one writer: the state is the same in every process
+            return
         torch_save(state_path, {"format": STATE_FORMAT, "config": dict(cfg), "pool": pool.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                 "source": source.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -208,7 +228,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
             epoch = progress["epoch"]
             bar = tqdm(source.epoch(epoch, start=progress["position"]), total=per_epoch,
                        initial=progress["position"], desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False,
-                       dynamic_ncols=True, disable=None)
+                       dynamic_ncols=True, disable=None if world.main else True)
             shown = time.monotonic()
             for fmap, v0, labels in bar:
                 lr = lr_at(progress["step"], total, warmup, cfg.lr, cfg.min_lr)
@@ -216,22 +236,28 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                     group["lr"] = lr
                 with autocast(device, use_amp):
                     v_cls, v_bg = pool(fmap)
-                loss, terms = raft_loss(v_cls, v_bg, v0, text, labels, tau1=cfg.tau1, tau2=cfg.tau2,
-                                        lambda1=cfg.lambda1, lambda2=cfg.lambda2, scale=cfg.logit_scale)
+                # under torchrun: this process's share of the global batch's mean loss (every term a
+                # sum over its images divided by the global batch size); the gradients are summed
+                batch = source.batch_images(progress["position"])
+                shared = {} if reference else {"total": batch}
+                loss, terms = loss_fn(v_cls, v_bg, v0.to(v_cls.dtype) if reference else v0, text, labels,
+                                      tau1=cfg.tau1, tau2=cfg.tau2, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
+                                      scale=cfg.logit_scale, **shared)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                world.sum_grads(params)
                 scaler.step(optimizer)
                 scaler.update()
                 with torch.no_grad():
                     correct = (cosine_logits(v_cls, text[:, :-1]).argmax(1) == labels).sum()
-                tally.add(progress["step"], loss, terms, correct, labels.shape[0])
+                tally.add(progress["step"], loss, terms, correct, batch, labels.shape[0])
                 progress["step"] += 1
                 progress["position"] += 1
                 if not bar.disable and time.monotonic() - shown > 2.0:  # the bar's loss: a sync every 2 s
                     bar.set_postfix(loss=f"{tally.mean_loss():.3f}", lr=f"{lr:.1e}")
                     shown = time.monotonic()
-                if stop.requested and progress["position"] < per_epoch:
-                    break
+                if world.any(stop.requested is not None) and progress["position"] < per_epoch:
+                    break   # every process stops at the same step
             if progress["position"] >= per_epoch:  # the epoch is complete
                 tally.check_finite(per_epoch, state_path)
                 tally.into(progress)
@@ -249,12 +275,14 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                 tally = EpochTally(device, progress)
             progress["seconds"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            if stop.requested:
-                save(f"{stop.requested.lower()}")
-                raise Interrupted(f"stopped by {stop.requested} at epoch {progress['epoch']}, step "
+            if world.any(stop.requested is not None):
+                reason = stop.requested or "SIGTERM"   # another process got the signal
+                save(f"{reason.lower()}")
+                raise Interrupted(f"stopped by {reason} at epoch {progress['epoch']}, step "
                                   f"{progress['step']}; run the same command to resume"
                                   + ("" if state_path else " (no state was saved)"))
-            if progress["epoch"] <= cfg.train_epoch and time.monotonic() - last_save >= cfg.save_every:
+            due = time.monotonic() - last_save >= cfg.save_every
+            if progress["epoch"] <= cfg.train_epoch and world.any(due):
                 save("periodic")
                 last_save = time.monotonic()
     pool.eval()

@@ -95,6 +95,10 @@ SCHEMA: dict[str, Key] = {
     "logit_scale": Key((float,), 100.0, "scale of the cosine logits", False, _positive, "> 0"),
     # region pool / text variants (defaults = reference behaviour)
     "mask_bg_in_cls": Key((bool,), False, "mask the background token out of the class token's attention"),
+    "pool_precision": Key((str,), "float32", "'float32': float32 weights (mixed-precision compute on CUDA); "
+                                             "'float16_reference': float16 weights and AdamW state updated in place, "
+                                             "as the published code trains (doc/method.md, Numerics)",
+                          choices=("float32", "float16_reference")),
     "renorm_bg_text": Key((bool,), False, "re-normalise the averaged background text embedding"),
     "descriptions": Key((str,), "auto", "class descriptions file; 'auto' = gpt3_file/<dataset>_prompt.json "
                                         "when it exists; null = templates only", True),
@@ -122,6 +126,8 @@ SCHEMA: dict[str, Key] = {
                                            "at most 16; none for fewer than 256 images)", False,
                        lambda v: v == "auto" or (isinstance(v, int) and v >= 0), ">= 0 or 'auto'"),
     "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
+    "dist_timeout": Key((float,), 1800.0, "torchrun runs: seconds a collective may wait for the other processes "
+                                          "before the run stops (doc/distributed.md)", False, _positive, "> 0"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
                                      "per image computed once and cycled through the epochs", True, _positive, "> 0"),
@@ -193,7 +199,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if not ok:
         raise RaftError(f"config key '{name}' expects {expected.__name__}, got {value!r} ({source}): {key.help}")
     if key.choices and value not in key.choices:
-        hint = difflib.get_close_matches(str(value), key.choices, n=1, cutoff=0.0)
+        hint = ([c for c in key.choices if c.startswith(str(value))]             # 'float16' -> 'float16_reference'
+                or difflib.get_close_matches(str(value), key.choices, n=1, cutoff=0.0))
         names = [repr(c) for c in key.choices]
         allowed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise RaftError(f"config key '{name}' must be {allowed}, got {value!r} ({source}; did you mean {hint[0]!r}?)")
@@ -339,6 +346,13 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except torch.distributed.DistError as exc:  # another process of a torchrun run died or hung
+        if debug:
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"error: process {rank}: a collective with the other torchrun processes failed "
+              f"({str(exc).splitlines()[0][:160]}); run the same command again to resume", file=sys.stderr)
+        return 3
     return code if isinstance(code, int) else 0
 
 
@@ -532,7 +546,11 @@ def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
     """Log to stdout and (optionally) a file; re-callable for a new run folder."""
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     logger = logging.getLogger("raft")
-    logger.setLevel(logging.INFO)
+    # under torchrun only rank 0 logs (and writes the log file); the others say warnings and errors
+    rank = int(os.environ.get("RANK", "0"))
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank != 0:
+        log_file = None
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

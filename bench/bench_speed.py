@@ -106,11 +106,15 @@ class ReferenceSource:
 
     def __init__(self, model, items, batch_size, seed, device, amp, num_workers, clip):
         self.visual, self.device, self.amp, self.clip = model.visual.eval(), device, amp, clip
+        self.batch_size, self.n = batch_size, len(items)
         self.loader = make_loader(items, train_transform(clip.image_size), batch_size, shuffle=True,
                                   num_workers=num_workers, seed=seed, device=device)
 
     def __len__(self):
         return len(self.loader)
+
+    def batch_images(self, position):
+        return min(self.batch_size, self.n - position * self.batch_size)
 
     @torch.no_grad()
     def trunk(self, images):

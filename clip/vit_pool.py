@@ -119,10 +119,10 @@ class ViTRegionPool(nn.Module):
         mask[0, 0, 1] = True  # the class token ignores the background token -> v_cls == v0 at step 0
         return mask
 
-    def attention(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, tokens: torch.Tensor, tail: FrozenTail | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention outputs of the two summary tokens before the output projection
         (``B×2×W``) and the weights (``B×heads×2×(N+2)``)."""
-        keys = self.tail.ln_1(self.sequence(tokens))
+        keys = (tail or self.tail).ln_1(self.sequence(tokens))
         mask = self.attention_mask(2, keys.shape[1], tokens.device)
         return folded_attention(keys, 2, projections(self.attn), self.num_heads, mask)
 
@@ -132,11 +132,14 @@ class ViTRegionPool(nn.Module):
         return v[:, 0], v[:, 1]
 
 
-def vit_all_token_forward(pool: ViTRegionPool, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vit_all_token_forward(pool: ViTRegionPool, tokens: torch.Tensor,
+                          tail: FrozenTail | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward computation: the whole last block (with the pool's attention) on
-    all N+2 tokens, then keep tokens 0 and 1. Ground truth of the tests, baseline of the benchmark."""
+    all N+2 tokens, then keep tokens 0 and 1. Ground truth of the tests, baseline of the
+    benchmark. ``tail``: other copies of CLIP's frozen parts (float16 ones, clip/reference.py)."""
+    tail = tail or pool.tail
     s = pool.sequence(tokens)
-    y = pool.tail.ln_1(s)
+    y = tail.ln_1(s)
     n = y.shape[1]
     mask = None
     if pool.mask_bg_in_cls:
@@ -147,7 +150,7 @@ def vit_all_token_forward(pool: ViTRegionPool, tokens: torch.Tensor) -> tuple[to
     a = pool.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
     if not batch_first(pool.attn):
         a = a.transpose(0, 1)
-    z = s + pool.tail.ls_1(a)
-    z = z + pool.tail.ls_2(pool.tail.mlp(pool.tail.ln_2(z)))
-    v = pool.tail.ln_post(z[:, :2]) @ pool.tail.proj.to(z.dtype)
+    z = s + tail.ls_1(a)
+    z = z + tail.ls_2(tail.mlp(tail.ln_2(z)))
+    v = tail.ln_post(z[:, :2]) @ tail.proj.to(z.dtype)
     return v[:, 0], v[:, 1]

@@ -120,20 +120,24 @@ class PreparedBatch:
 
 
 def prepare_batch(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,
-                  batched: bool | None = None, scale: tuple[float, float] = CROP_SCALE) -> PreparedBatch:
+                  batched: bool | None = None, scale: tuple[float, float] = CROP_SCALE,
+                  keep: slice = slice(None)) -> PreparedBatch:
     """Draw flips and crops for the batch (the per-image transform's generator calls, in its
     order: the flips, then each image's crop) and gather the crops for ``device``.
     ``batched``: resize with the batched products (default: on every device but the CPU).
-    ``scale``: the crops' area range (Tip-Adapter's views use 0.5–1)."""
+    ``scale``: the crops' area range (Tip-Adapter's views use 0.5–1).
+    ``keep``: the images to gather (a torchrun process's shard): the draws are the whole batch's,
+    so every process's generator stays where a one-process run's would be."""
     flips = torch.rand(len(images), generator=gen) < 0.5
     boxes = [crop_params(img.shape[1], img.shape[2], gen, scale) for img in images]
-    sizes = torch.tensor([[h, w] for _, _, h, w in boxes], dtype=torch.long)
+    images, flips, boxes = images[keep], flips[keep], boxes[keep]
+    sizes = torch.tensor([[h, w] for _, _, h, w in boxes], dtype=torch.long).view(-1, 2)
     crops = [img[:, top:top + h, left:left + w] for img, (top, left, h, w) in zip(images, boxes)]
     if not (device.type != "cpu" if batched is None else batched):
         return PreparedBatch(crops, sizes, flips, size)
     pin = device.type == "cuda"
-    packed = torch.zeros(len(images), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8,
-                         pin_memory=pin)
+    height, width = (int(sizes[:, 0].max()), int(sizes[:, 1].max())) if len(images) else (1, 1)
+    packed = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, pin_memory=pin)
     for i, crop in enumerate(crops):
         packed[i, :, :crop.shape[1], :crop.shape[2]] = crop
     return PreparedBatch(packed, sizes.pin_memory() if pin else sizes, flips.pin_memory() if pin else flips, size)

@@ -1,0 +1,50 @@
+"""The sweep's pending runs, one shell command per line (used by sweep.sh --list and GPUS=).
+
+    python scripts/pending.py "dtd eurosat" "1 2 4 8 16" "1 2 3" [--key value ...]
+    DATA=/data python scripts/pending.py ...     # each dataset read from /data/<its folder>
+
+A run is pending while its run folder has no results.json. The folder is found as main.py
+finds it (the dataset's name, the backbone, shots, seed, protocol and the settings' tag),
+without reading the dataset itself.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import run_dir_of, run_tag  # noqa: E402
+from utils import Config, file_values, parse_args, run_main  # noqa: E402
+
+
+def dataset_name(cfg: Config) -> str:
+    """The name a run folder is filed under: your folder's name, else the config's dataset."""
+    return Path(cfg.data_path).resolve().name if cfg.dataset == "folder" else cfg.dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    datasets, shots, seeds, overrides = argv[0].split(), argv[1].split(), argv[2].split(), argv[3:]
+    python, root = os.environ.get("PYTHON", "python"), os.environ.get("DATA")
+    for dataset in datasets:
+        entry = "main_imagenet.py" if dataset == "imagenet" else "main.py"
+        where = []
+        if root:   # DATA=/data: the config's own folder name under it (as scripts/common.sh's data_args)
+            folder = Path(str(file_values(ROOT / "configs" / f"{dataset}.yaml")["data_path"] or dataset)).name
+            where = ["--data_path", str(Path(root) / folder)]
+        for shot in shots:
+            for seed in seeds:
+                args = ["--config", f"configs/{dataset}.yaml", "--shots", shot, "--seed", seed, *where, *overrides]
+                cfg, flags = parse_args(args, "")
+                cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+                if not (run_dir_of(cfg, dataset_name(cfg)) / "results.json").is_file():
+                    print(f"cd {shlex.quote(str(ROOT))} && {shlex.join([python, entry, *args])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

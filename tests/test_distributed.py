@@ -1,0 +1,226 @@
+"""torchrun runs (CPU, gloo, 2 processes), concurrent runs sharing caches, sweeps over GPUs
+(doc/distributed.md)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import distributed
+from conftest import ROOT, args_for, cli, run_dir
+from utils import RaftError
+
+
+def torchrun(argv, nproc=2, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "main.py"), *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), **kwargs)
+
+
+def numbers(path):
+    r = json.loads(path.read_text())
+    return {k: r[k] for k in ("test_acc", "zero_shot_acc", "alpha", "val_acc")}, r
+
+
+def test_shards_cover_every_item_once():
+    for n in (0, 1, 2, 5, 9, 128, 1001):
+        for size in (1, 2, 3, 8):
+            parts = [distributed.World(rank, size).shard(n) for rank in range(size)]
+            covered = [i for part in parts for i in range(n)[part]]
+            assert covered == list(range(n)), (n, size)
+            assert max(len(range(n)[p]) for p in parts) - min(len(range(n)[p]) for p in parts) <= 1
+
+
+def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
+    """12 few-shot images in batches of 11: the last global batch has one image, so one process
+    trains on nothing in that step; 9 test and 6 val images split unevenly across the two."""
+    one = args_for(dtd, tmp_path, "--batch_size", "11", "--train_epoch", "4")
+    assert cli(one, capsys)[0] == 0
+    reference, r1 = numbers(run_dir(tmp_path) / "results.json")
+    two = args_for(dtd, tmp_path, "--batch_size", "11", "--train_epoch", "4", "--output_dir", str(tmp_path / "out2"),
+                   "--cache_dir", str(tmp_path / "cache2"))
+    proc = torchrun(two)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    folder = tmp_path / "out2" / "dtd" / "tiny-rn_4shots_seed1"
+    got, r2 = numbers(folder / "results.json")
+    assert got == reference
+    assert (r1["world_size"], r2["world_size"]) == (1, 2) and r2["sizes"] == r1["sizes"] == {"train": 12, "val": 6,
+                                                                                             "test": 9}
+    assert {k: v["test_acc"] for k, v in r2["baselines"].items()} == {k: v["test_acc"] for k, v in r1["baselines"].items()}
+    a = torch.load(run_dir(tmp_path) / "checkpoint.pt", weights_only=True)["pool"]
+    b = torch.load(folder / "checkpoint.pt", weights_only=True)["pool"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    stores = sorted((tmp_path / "cache2" / "features").glob("dtd_test_*/manifest.json"))
+    assert len(stores) == 1 and json.loads(stores[0].read_text())["rows"] == 9   # every test image once
+    assert out.count("results in") == 1                                           # rank 0 alone reports
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def test_a_killed_process_stops_the_run_and_any_number_of_processes_resumes_it(dtd, tmp_path, capsys):
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc to find torchrun's worker processes")
+    settings = ["--batch_size", "11", "--train_epoch", "30", "--save_every", "0", "--baselines", "[]"]
+    assert cli(args_for(dtd, tmp_path, *settings, "--output_dir", str(tmp_path / "ref")), capsys)[0] == 0
+    reference, _ = numbers(tmp_path / "ref" / "dtd" / "tiny-rn_4shots_seed1" / "results.json")
+    argv = args_for(dtd, tmp_path, *settings)
+    proc = torchrun(argv)
+    log = run_dir(tmp_path) / "log.txt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count("training state saved") < 4):
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None
+    os.kill(workers[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert (run_dir(tmp_path) / "resume.pt").is_file() and not (run_dir(tmp_path) / "results.json").exists()
+    code, _, err = cli(argv, capsys)          # the same command, now with one process
+    assert code == 0, err
+    assert "resuming from" in log.read_text()
+    got, r = numbers(run_dir(tmp_path) / "results.json")
+    assert got == reference and r["world_size"] == 1
+
+
+# --------------------------------------------------------------------------- bad input
+def test_an_unreachable_rendezvous_fails_in_bounded_time():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    start = time.monotonic()
+    with pytest.raises(RaftError, match=f"cannot reach the torchrun rendezvous at 127.0.0.1:{port} within 2s"):
+        distributed.wait_for_rendezvous("127.0.0.1", port, timeout=2)
+    assert time.monotonic() - start < 10
+
+
+def test_device_and_process_checks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RaftError, match="device 'cuda' requested but CUDA is not available"):
+        distributed.start("cuda", 60)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RaftError, match="torchrun started 4 processes on this machine but it has 2 GPU"):
+        distributed.start("auto", 60)
+    with pytest.raises(RaftError, match="each process uses the GPU of its local rank"):
+        distributed.start("cuda:1", 60)
+    assert not distributed.WORLD.many
+
+
+def test_a_global_batch_smaller_than_the_processes_and_float16_reference_are_refused(dtd, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import engine
+    import training
+    monkeypatch.setattr(engine.distributed, "start", lambda device, timeout: distributed.World(0, 4))
+    code, _, err = cli(args_for(dtd, tmp_path, "--batch_size", "3"), capsys)
+    assert code == 2 and "batch_size 3 is smaller than the 4 torchrun processes" in err
+    monkeypatch.setattr(training.distributed, "WORLD", distributed.World(0, 2))
+    with pytest.raises(RaftError, match="float16_reference trains as the published code does, in one process"):
+        from utils import build_config
+        training.train_pool(torch.nn.Linear(1, 1), torch.zeros(1, 2), None,
+                            build_config(None, {"dataset": "d", "data_path": "x",
+                                                "pool_precision": "float16_reference"}),
+                            torch.device("cpu"), None)
+
+
+# --------------------------------------------------------------------------- caches shared by concurrent runs
+BUILD = textwrap.dedent("""
+    import sys, json
+    sys.path.insert(0, {root!r})
+    import numpy as np, torch
+    from clip.backbone import FrozenCLIP, load_open_clip
+    from datasets import read_coop_dataset
+    from features import eval_store
+    from utils import setup_logging
+    log = setup_logging(None)
+    data = read_coop_dataset("demo", {data!r})
+    clip = FrozenCLIP(load_open_clip("tiny-rn", None), "tiny-rn")
+    store = eval_store(clip, data.test, {cache!r}, "shared", 8, 0, torch.device("cpu"), False)
+    print(json.dumps({{"rows": len(store), "sum": float(np.asarray(store.pooled, dtype=np.float64).sum())}}))
+""")
+
+
+def test_two_processes_building_one_cache_at_once(demo_root, tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(BUILD.format(root=str(ROOT), data=str(demo_root), cache=str(tmp_path / "cache")))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1] and results[0]["rows"] == 32
+    logs = "".join(out for out, _ in outs)
+    assert logs.count("cached in") == 1 and logs.count("cached trunk features") == 1   # one built, one waited
+    assert not [p for p in (tmp_path / "cache" / "features").iterdir() if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------- sweeps over GPUs and clusters
+FAKE = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    if [[ "$1" == *pending.py ]]; then exec {python} "$@"; fi
+    echo "gpu=$CUDA_VISIBLE_DEVICES $*" >> {log}
+    sleep 0.3
+    [[ "$*" == *"--seed 2"* ]] && exit 1
+    exit 0
+""")
+
+
+def test_sweep_lists_pending_runs_and_spreads_them_over_gpus(tmp_path):
+    out = tmp_path / "out"
+    finished = out / "dtd" / "RN50_4shots_seed1"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    fake, calls = tmp_path / "fakepy", tmp_path / "calls.txt"
+    fake.write_text(FAKE.format(python=sys.executable, log=calls))
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake))
+    listed = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "--list", "dtd", "4", "1 2 3", "--output_dir",
+                             str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"cd {ROOT} && {fake} main.py --config configs/dtd.yaml")
+                                   for line in lines)
+    assert "--seed 1" not in listed.stdout                       # finished: not pending
+    swept = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd eurosat", "4", "1 2 3", "--output_dir",
+                            str(out)], env=dict(env, GPUS="0 1"), capture_output=True, text=True, timeout=120)
+    runs = calls.read_text().splitlines()
+    assert len(runs) == 5                                        # dtd seed 1 was finished
+    assert {line.split()[0] for line in runs} == {"gpu=0", "gpu=1"}
+    assert swept.returncode == 1 and "2 run(s) failed" in swept.stderr
+    assert "[gpu " in swept.stdout
+
+
+def test_slurm_array_script_runs_its_line(tmp_path):
+    runs = tmp_path / "runs.txt"
+    runs.write_text(f"echo first > {tmp_path}/a\necho second > {tmp_path}/b\n")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/slurm_array.sh"), str(runs)],
+                          env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"), capture_output=True, text=True)
+    assert proc.returncode == 0 and (tmp_path / "b").read_text() == "second\n" and not (tmp_path / "a").exists()
+    proc = subprocess.run(["bash", str(ROOT / "scripts/slurm_array.sh"), str(runs)],
+                          env=dict(os.environ, SLURM_ARRAY_TASK_ID="7"), capture_output=True, text=True)
+    assert proc.returncode == 2 and "no line 7" in proc.stderr
