@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import distributed
 from baselines import BaselineData, run_baselines
 from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.reference import make_region_pool, never_moved
@@ -38,8 +37,8 @@ from datasets.loader import eval_transform, make_loader
 from evaluation import SplitLogits, collect_logits, evaluate, evaluate_base2new
 from features import LiveSource, ViewSource, eval_store, live_batches, view_store
 from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
-from utils import (SCHEMA, Config, RaftError, check_outside_data, remove_temporaries, resolve_device, set_seed,
-                   setup_logging, torch_load, torch_save, write_json, write_yaml)
+from utils import (SCHEMA, WORLD, Config, RaftError, check_outside_data, remove_temporaries, resolve_device,
+                   set_seed, setup_logging, start_processes, torch_load, torch_save, write_json, write_yaml)
 
 # 1: the pool, its config, class names and text classifier;
 # 2: + the dataset it was trained on and its few-shot sample's SHA-256
@@ -220,7 +219,7 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
               f"evaluates it again under other evaluation settings)")
         return None
     plan.log = setup_logging(run_dir / "log.txt")
-    world = distributed.WORLD
+    world = WORLD
     if world.main:
         remove_temporaries(run_dir)  # left by a process killed while writing
         if flags.force:
@@ -364,7 +363,7 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
         load_pool_state(model.pool, plan.ckpt, plan.ckpt_path)
         log.info(f"loaded region pool from {plan.ckpt_path}")
         return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
-    world = distributed.WORLD
+    world = WORLD
     if world.main:
         write_yaml(plan.run_dir / "config.yaml", dict(cfg))
         save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
@@ -418,7 +417,7 @@ class SplitFeatures:
         store, rows = self._rows_of(items, split, view)
         if store is not None:
             rows = torch.arange(len(store)) if rows is None else rows
-            mine = rows[distributed.WORLD.shard(len(rows))]
+            mine = rows[WORLD.shard(len(rows))]
             return store.batches(self.cfg.eval_batch_size, self.device, order=mine)
         return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.image_size),
                             self.cfg.eval_batch_size, self.cfg.num_workers, self.device, self.amp,
@@ -439,7 +438,7 @@ class SplitFeatures:
         every process gets all of them (each image scored exactly once)."""
         logits = collect_logits(pool, text, self.batches(items, split, view), self.device, self.amp, split,
                                 self.cfg.logit_scale)
-        world = distributed.WORLD
+        world = WORLD
         if world.many:
             total = world.gather_objects((logits.bg_cos * len(logits.labels), len(logits.labels)))
             logits = SplitLogits(world.gather(logits.cls), world.gather(logits.clip), world.gather(logits.labels),
@@ -571,14 +570,14 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         **metrics,
         **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
         "numerics": evaluation["numerics"],
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "world_size": distributed.WORLD.size,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
     results["alpha_curve"] = results.pop("alpha_curve")  # the long lists last, for readability
-    if not distributed.WORLD.main:  # one writer; every process holds the same numbers
+    if not WORLD.main:  # one writer; every process holds the same numbers
         return results
     write_json(plan.results_path, results)
     log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
@@ -608,7 +607,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
 
     Safe to kill at any moment: started again with the same command it resumes training
     from its last saved state (training.py), or evaluates the finished checkpoint."""
-    world = distributed.start(cfg.device, cfg.dist_timeout)
+    world = start_processes(cfg.device, cfg.dist_timeout)
     if world.many and cfg.batch_size < world.size:
         raise RaftError(f"batch_size {cfg.batch_size} is smaller than the {world.size} torchrun processes: each "
                         f"process needs images of every global batch (raise batch_size or use fewer processes)")
@@ -692,7 +691,7 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
     else:
         log.info(f"class descriptions: none, templates {templates}")
     sentences = class_sentences(data.classnames, templates, descriptions, str(source))
-    world = distributed.WORLD
+    world = WORLD
     if world.main:  # one process encodes and caches; the others then read the cache
         text = cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
     world.barrier()

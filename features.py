@@ -33,9 +33,8 @@ from tqdm import tqdm
 from datasets.base import Datum
 from datasets.augment import CROP_RATIO, CROP_SCALE, augment, crop_params, prepare_batch  # noqa: F401 (re-exported)
 from datasets.loader import UnreadableImage, eval_transform, make_loader, read_rgb
-from utils import RaftError, autocast, background, resolve_workers, sha256_text
+from utils import WORLD, RaftError, autocast, background, resolve_workers, sha256_text
 
-import distributed
 
 log = logging.getLogger("raft")
 
@@ -164,7 +163,7 @@ def cached_store(path: Path, key: str, build, found: str) -> FeatureStore:
     """The store at ``path`` if it holds ``key`` (logging ``found``), else ``build()``'s, under
     ``cache_lock``. The decision is rank 0's, for every process of a torchrun run (they build
     it together)."""
-    world = distributed.WORLD
+    world = WORLD
     with cache_lock(path) if world.main else nullcontext():
         if world.any(world.main and FeatureStore.valid(path, key)):
             log.info(found)
@@ -304,7 +303,7 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
     overflows float16, then float32. ``map_shape``: one row's trunk output (default: the model's).
     Under torchrun every process computes its share of each batch; rank 0 gathers the shares
     in order and alone writes, the others open the store once it is in place."""
-    world = distributed.WORLD
+    world = WORLD
     map_shape = tuple(clip.feature_shape) if map_shape is None else map_shape
     for dtype in (np.float16, np.float32):
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype)) if world.main else None
@@ -341,7 +340,7 @@ def live_batches(clip, items: list[Datum], transform, batch_size: int, num_worke
     process computes its share of every batch of ``batch_size`` × processes images, and
     yields one (possibly empty) batch per such batch, so that the processes' batches line up
     (``build_store`` puts the shares back in order)."""
-    world = distributed.WORLD
+    world = WORLD
     span = batch_size * world.size
     shares = [items[start:start + span][world.shard(len(items[start:start + span]))]
               for start in range(0, len(items), span)]
@@ -484,7 +483,7 @@ class LiveSource:
 
         def host_work():  # in the background thread: the generator's calls, in batch order
             for idx in chunks:
-                mine = distributed.WORLD.shard(len(idx))   # a torchrun process's part of the global batch
+                mine = WORLD.shard(len(idx))   # a torchrun process's part of the global batch
                 batch = prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen,
                                       self.device, keep=mine)
                 labels = self.labels[idx[mine]]
@@ -528,7 +527,7 @@ def build_views(clip, items, views, seed, path, key, kind, device, amp, num_work
     labels = torch.tensor([d.label for d in items])
     gen = torch.Generator().manual_seed(seed + 2_000_003)
 
-    world = distributed.WORLD
+    world = WORLD
     empty = torch.zeros(0, 3, clip.image_size, clip.image_size)
 
     def batches(skipped):
@@ -585,5 +584,5 @@ class ViewSource:
         view = (epoch - 1) % self.views
         rest = self.order[start * self.batch_size:]
         chunks = [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
-        shares = [chunk[distributed.WORLD.shard(len(chunk))] for chunk in chunks]   # a torchrun process's part
+        shares = [chunk[WORLD.shard(len(chunk))] for chunk in chunks]   # a torchrun process's part
         yield from self.store.read_groups(shares, self.device, offset=view * self.n)

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
 from clip.reference import reference_adamw
 from loss import cosine_logits, raft_loss, reference_loss
-from utils import SCHEMA, Config, RaftError, autocast, torch_load, torch_save
+from utils import SCHEMA, WORLD, Config, RaftError, autocast, torch_load, torch_save
 
 STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
@@ -119,8 +118,8 @@ class EpochTally:
 
     def __init__(self, device: torch.device, progress: dict):
         dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-        sums = progress["sums"] if distributed.WORLD.main else {k: 0.0 for k in self.TERMS}
-        carried = (progress["correct"], progress["seen"]) if distributed.WORLD.main else (0, 0)
+        sums = progress["sums"] if WORLD.main else {k: 0.0 for k in self.TERMS}
+        carried = (progress["correct"], progress["seen"]) if WORLD.main else (0, 0)
         self.sums = torch.tensor([*(sums[k] for k in self.TERMS), *carried], dtype=dtype, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_values = torch.zeros(len(self.TERMS), dtype=dtype, device=device)
@@ -136,7 +135,7 @@ class EpochTally:
 
     def into(self, progress: dict) -> None:
         """Copy the sums (over every process) into the (saved, resumable) progress record."""
-        values = distributed.WORLD.sum_(self.sums.clone()).tolist()
+        values = WORLD.sum_(self.sums.clone()).tolist()
         progress["sums"] = dict(zip(self.TERMS, values[:len(self.TERMS)]))
         progress["correct"], progress["seen"] = int(values[-2]), int(values[-1])
 
@@ -146,7 +145,7 @@ class EpochTally:
     def check_finite(self, per_epoch: int, state_path: Path | None) -> None:
         """Stop, naming the step, if any loss so far was NaN or infinite (on any process)."""
         none = torch.iinfo(torch.long).max
-        step = int(distributed.WORLD.min_(torch.where(self.bad_step < 0, none, self.bad_step)).item())
+        step = int(WORLD.min_(torch.where(self.bad_step < 0, none, self.bad_step)).item())
         if step == none:
             return
         values = dict(zip(self.TERMS, self.bad_values.tolist()))
@@ -180,7 +179,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
     """
     # float16_reference: float16 weights updated in place by torch's default AdamW, the loss on
     # float16 logits, no autocast and no loss scaling (clip/reference.py)
-    world = distributed.WORLD
+    world = WORLD
     reference = cfg.pool_precision == "float16_reference"
     if reference and world.many:
         raise RaftError("pool_precision float16_reference trains as the published code does, in one process: "
