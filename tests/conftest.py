@@ -88,6 +88,19 @@ def one_line_error(code, err, *fragments):
         assert fragment in err, (fragment, err)
 
 
+def poison_loss_at(monkeypatch, call: int) -> None:
+    """Make the call-th training loss NaN, so a run stops there after its last saved state, as a kill would."""
+    import training
+    real, calls = training.raft_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == call else (loss, terms)
+
+    monkeypatch.setattr(training, "raft_loss", poisoned)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit():
     from clip.backbone import FrozenCLIP, load_open_clip

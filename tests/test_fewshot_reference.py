@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, args_for, cli, one_line_error, run_dir, shared_fixture
+from conftest import ROOT, args_for, cli, one_line_error, poison_loss_at, run_dir, shared_fixture
 from datasets import few_shot, read_coop_dataset, sample_digest, save_list
 
 SETTINGS = [(shots, seed) for shots in (1, 2, 4, 8, 16) for seed in (1, 2, 3)]
@@ -118,15 +118,7 @@ def test_a_run_trained_on_the_old_sample_is_not_reused(shuffled_dtd, tmp_path, c
 
 
 def test_a_resume_state_of_the_old_sample_is_not_resumed(shuffled_dtd, tmp_path, capsys, monkeypatch):
-    import training
-    real, calls = training.raft_loss, []
-
-    def poisoned(*args, **kwargs):   # stop training after a saved state, as a kill would
-        calls.append(1)
-        loss, terms = real(*args, **kwargs)
-        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
-
-    monkeypatch.setattr(training, "raft_loss", poisoned)
+    poison_loss_at(monkeypatch, 3)
     cli(args_for(shuffled_dtd, tmp_path, "--save_every", "0"), capsys)
     monkeypatch.undo()
     assert (run_dir(tmp_path) / "resume.pt").is_file()

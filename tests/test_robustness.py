@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SPLIT, args_for, cli, one_line_error, run_dir
+from conftest import ROOT, SPLIT, args_for, cli, one_line_error, poison_loss_at, run_dir
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -221,15 +221,7 @@ def reference(dtd, tmp_path, capsys):
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(dtd, tmp_path, capsys, monkeypatch,
                                                                            reference):
-    import training
-    real, calls = training.raft_loss, []
-
-    def poisoned(*args, **kwargs):
-        loss, terms = real(*args, **kwargs)
-        calls.append(1)
-        return (loss * float("nan"), terms) if len(calls) == 5 else (loss, terms)   # epoch 3, step 4
-
-    monkeypatch.setattr(training, "raft_loss", poisoned)
+    poison_loss_at(monkeypatch, 5)                                  # epoch 3, step 4
     code, _, err = cli(args_for(dtd, tmp_path, "--save_every", "0"), capsys)
     one_line_error(code, err, "loss became nan at epoch 3, step 4", "resume.pt")
     state = torch.load(run_dir(tmp_path) / "resume.pt", weights_only=True)
@@ -266,15 +258,7 @@ def test_ctrl_c_saves_mid_epoch_and_the_rerun_matches_an_uninterrupted_run(dtd, 
 
 
 def test_resume_refuses_changed_settings_unless_forced(dtd, tmp_path, capsys, monkeypatch):
-    import training
-    real, calls = training.raft_loss, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss, terms = real(*args, **kwargs)
-        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
-
-    monkeypatch.setattr(training, "raft_loss", poisoned)
+    poison_loss_at(monkeypatch, 3)
     cli(args_for(dtd, tmp_path, "--save_every", "0"), capsys)
     monkeypatch.undo()
     code, _, err = cli(args_for(dtd, tmp_path, "--lambda1", "0.3"), capsys)
