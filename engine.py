@@ -3,11 +3,13 @@
 ``run`` is a short sequence of named phases:
 
     plan_run        which run folder, what is already there (finished, trained, a resume state)
+    choose_device   this process's device (one GPU per torchrun process) and amp
     make_task       which classes the pool trains on and which it is scored on (the protocol)
     sample_images   the few-shot training set and the validation set
     build_model     frozen CLIP, text classifier, region pool
     train_or_load   train the pool (resuming if a state was saved), or load a trained one
     evaluate_run    logits once per split, alpha chosen on validation data, test numbers
+    pool_numerics   the pool's precision and what share of each tensor training never moved
     measure_baselines  zero-shot, linear probe, Tip-Adapter(-F) on the same images and features
     write_results   results.json (or results_eval.json / transfer_<dataset>.json)
 """
@@ -247,9 +249,25 @@ class Task:
     targets: dict[str, DatasetSplits]
 
 
+def choose_device(cfg: Config, plan: RunPlan) -> tuple[torch.device, bool]:
+    """This process's device (under torchrun: the GPU of its local rank) and whether it uses amp."""
+    world = WORLD
+    device = resolve_device(f"cuda:{world.local_rank}" if world.many and cfg.device in ("auto", "cuda")
+                            and torch.cuda.is_available() else cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
+    plan.log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  "
+                  f"torch {torch.__version__}" + (f"  {world.size} processes (torchrun)" if world.many else ""))
+    return device, use_amp
+
+
 def make_task(cfg: Config, data: DatasetSplits, plan: RunPlan) -> Task:
     """The protocol as data: few-shot (all classes) or base-to-new (base = the first ceil(C/2)
     labels, new = the rest, each relabelled from 0)."""
+    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
+        raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
+                        f"has {data.num_classes} classes")
     if cfg.protocol == "base2new" and plan.transfer_from is None:
         if data.num_classes < 2:
             raise RaftError(f"protocol base2new needs at least 2 classes; {data.name} has {data.num_classes}")
@@ -496,6 +514,13 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
             "logits": {"val": val, **scored}}
 
 
+def pool_numerics(model: Model, cfg: Config) -> dict:
+    """The pool's precision, and per tensor the share of entries training never moved from
+    their initial values (a fresh pool: the copy of CLIP's) -- float16 updates can round away."""
+    initial = make_region_pool(model.clip, cfg.mask_bg_in_cls, cfg.pool_precision).state_dict()
+    return {"pool_precision": cfg.pool_precision, "never_moved": never_moved(initial, model.pool.state_dict())}
+
+
 TIP_VIEWS, TIP_CROP_SCALE = 10, (0.5, 1.0)   # Tip-Adapter's cache: 10 augmented views (doc/baselines.md)
 
 
@@ -614,17 +639,8 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     plan = plan_run(cfg, flags, data)
     if plan is None:
         return None
-    cfg, log = plan.cfg, plan.log
-    device = resolve_device(f"cuda:{world.local_rank}" if world.many and cfg.device in ("auto", "cuda")
-                            and torch.cuda.is_available() else cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
-        torch.backends.cudnn.benchmark = True
-    log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  torch {torch.__version__}"
-             + (f"  {world.size} processes (torchrun)" if world.many else ""))
-    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
-        raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
-                        f"has {data.num_classes} classes")
+    cfg = plan.cfg
+    device, use_amp = choose_device(cfg, plan)
     task = make_task(cfg, data, plan)
     images = sample_images(cfg, data, task, plan)
     model = build_model(cfg, data, task, images, plan, device)
@@ -632,8 +648,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     start = time.perf_counter()
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
     eval_seconds = time.perf_counter() - start
-    evaluation["numerics"] = {"pool_precision": cfg.pool_precision, "never_moved": never_moved(
-        make_region_pool(model.clip, cfg.mask_bg_in_cls, cfg.pool_precision).state_dict(), model.pool.state_dict())}
+    evaluation["numerics"] = pool_numerics(model, cfg)
     baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
     return write_results(cfg, data, plan, evaluation, baselines, train_seconds, eval_seconds, device)
 
@@ -649,8 +664,7 @@ def baselines_only(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) 
     run_dir = run_dir_of(cfg, data.name)
     plan = RunPlan(cfg, setup_logging(run_dir / "log.txt"), run_dir, run_dir / "baselines.json",
                    run_dir / "checkpoint.pt")
-    device = resolve_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
+    device, use_amp = choose_device(cfg, plan)
     task = make_task(cfg, data, plan)
     images = sample_images(cfg, data, task, plan)
     clip = load_frozen_clip(cfg, images, plan, device)
