@@ -1,0 +1,65 @@
+"""How much of the region pool one float16 AdamW step leaves unchanged (pool_precision: float16_reference).
+
+    python bench/first_step_never_moved.py                     # RN50 sizes, random weights, CPU
+    python bench/first_step_never_moved.py --backbone ViT-B-16 --lrs 1e-4 1e-5
+
+The published code trains float16 weights in place; an update smaller than half a float16
+step rounds away. This builds the real pool of a randomly initialised backbone (sizes as the
+real one), feeds it random trunk features of that backbone's shape, computes the reference
+loss against a random text classifier, and takes one AdamW step per learning rate from the
+same start. It prints, per learning rate, the share of pool entries that did not move
+(overall and per tensor). Random features give random-sized gradients: the shares describe
+this setting, not a trained run (doc/method.md, Numerics, has the runs). On CPU, where
+float16 matrix products are emulated, RN50's three steps take about six minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
+from clip.reference import make_region_pool, never_moved, reference_adamw  # noqa: E402
+from loss import reference_loss  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="RN50")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-5, 1e-6])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    clip = FrozenCLIP(load_open_clip(args.backbone, None), args.backbone)
+    gen = torch.Generator().manual_seed(args.seed)
+    features = torch.randn(args.batch, *clip.feature_shape, generator=gen)   # the trunk's output shape
+    with torch.no_grad():
+        v0 = clip.pooled(features).half()                                      # CLIP's own pool on them
+    text = torch.nn.functional.normalize(torch.randn(clip.embed_dim, args.classes + 1, generator=gen), dim=0)
+    labels = torch.randint(args.classes, (args.batch,), generator=gen)
+    start = make_region_pool(clip, False, "float16_reference").state_dict()
+    print(f"{args.backbone} (random weights): trunk features {tuple(clip.feature_shape)}, batch {args.batch}, "
+          f"{args.classes} classes; share of pool entries one float16 AdamW step leaves unchanged")
+    for lr in args.lrs:
+        pool = make_region_pool(clip, False, "float16_reference")
+        pool.load_state_dict(start)
+        v_cls, v_bg = pool(features)
+        loss, _ = reference_loss(v_cls, v_bg, v0, text.half(), labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
+        params = [p for p in pool.parameters() if p.requires_grad]
+        loss.backward()
+        reference_adamw(params, lr=lr, eps=1e-4, weight_decay=0.01).step()
+        shares = never_moved(start, pool.state_dict())
+        sizes = {k: v.numel() for k, v in start.items()}
+        overall = sum(shares[k] * sizes[k] for k in shares) / sum(sizes.values())
+        detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items())
+        print(f"  lr {lr:g}: {100 * overall:.1f}% overall ({detail})")
+
+
+if __name__ == "__main__":
+    main()
