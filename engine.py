@@ -39,7 +39,7 @@ from datasets.loader import eval_transform, make_loader
 from evaluation import SplitLogits, collect_logits, evaluate, evaluate_base2new
 from features import LiveSource, ViewSource, eval_store, live_batches, view_store
 from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
-from utils import (SCHEMA, WORLD, Config, RaftError, check_outside_data, remove_temporaries, resolve_device,
+from utils import (SCHEMA, WORLD, Config, RaftError, World, check_outside_data, remove_temporaries, resolve_device,
                    set_seed, setup_logging, start_processes, torch_load, torch_save, write_json, write_yaml)
 
 # 1: the pool, its config, class names and text classifier;
@@ -483,6 +483,7 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
                  device: torch.device, use_amp: bool) -> dict:
     """Logits once per split (trunk features of the whole split from the cache when enabled,
     shared by every protocol), then alpha from validation data and the scores."""
+    start = time.perf_counter()
     splits = SplitFeatures(model.clip, cfg, data, device, use_amp)
     skipped = splits.skipped
 
@@ -511,7 +512,7 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
     sizes = {"train": len(images.train), "val": len(val.labels) if val else 0,
              "test": sum(len(logits.labels) for logits in scored.values())}
     return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source,
-            "logits": {"val": val, **scored}}
+            "logits": {"val": val, **scored}, "seconds": time.perf_counter() - start}
 
 
 def pool_numerics(model: Model, cfg: Config) -> dict:
@@ -578,8 +579,8 @@ def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
                         f"(finish that run first, or pass a fixed --alpha)") from None
 
 
-def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, baselines: dict | None,
-                  train_seconds: float | None, eval_seconds: float, device: torch.device) -> dict:
+def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, numerics: dict,
+                  baselines: dict | None, train_seconds: float | None, device: torch.device) -> dict:
     metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
     results = {
         "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
@@ -594,8 +595,8 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
         **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
-        "numerics": evaluation["numerics"],
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "world_size": WORLD.size,
+        "numerics": numerics,
+        "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -627,15 +628,19 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
     return results
 
 
+def check_global_batch(cfg: Config, world: World) -> None:
+    """Every torchrun process takes a share of each global batch: it needs at least one image."""
+    if world.many and cfg.batch_size < world.size:
+        raise RaftError(f"batch_size {cfg.batch_size} is smaller than the {world.size} torchrun processes: each "
+                        f"process needs images of every global batch (raise batch_size or use fewer processes)")
+
+
 def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | None:
     """The whole protocol for one (dataset, backbone, shots, seed); returns the results dict.
 
     Safe to kill at any moment: started again with the same command it resumes training
     from its last saved state (training.py), or evaluates the finished checkpoint."""
-    world = start_processes(cfg.device, cfg.dist_timeout)
-    if world.many and cfg.batch_size < world.size:
-        raise RaftError(f"batch_size {cfg.batch_size} is smaller than the {world.size} torchrun processes: each "
-                        f"process needs images of every global batch (raise batch_size or use fewer processes)")
+    check_global_batch(cfg, start_processes(cfg.device, cfg.dist_timeout))
     plan = plan_run(cfg, flags, data)
     if plan is None:
         return None
@@ -645,12 +650,10 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     images = sample_images(cfg, data, task, plan)
     model = build_model(cfg, data, task, images, plan, device)
     train_seconds = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
-    start = time.perf_counter()
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
-    eval_seconds = time.perf_counter() - start
-    evaluation["numerics"] = pool_numerics(model, cfg)
+    numerics = pool_numerics(model, cfg)
     baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
-    return write_results(cfg, data, plan, evaluation, baselines, train_seconds, eval_seconds, device)
+    return write_results(cfg, data, plan, evaluation, numerics, baselines, train_seconds, device)
 
 
 def baselines_only(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict:

@@ -4,6 +4,9 @@ Multinomial logistic regression on the few-shot images' ``v0``: minimise
 ``C · Σ_i CE(W f_i + b, y_i) + ½‖W‖²`` (the bias unpenalised, as scikit-learn's lbfgs) with
 L-BFGS, up to 1000 iterations. ``C`` is chosen on validation accuracy: a coarse log grid
 1e-6 … 1e6, then a finer one around the best (ties go to the smaller C, the simpler model).
+The search's fits stop at a gradient of 1e-4 — scikit-learn's default ``tol``, which CoOp's
+search ran with, on the same objective (its lbfgs minimises the same mean CE + λ/2 ‖W‖²);
+the chosen C's fit is then continued to 1e-5.
 Without validation data it falls back to C = 1 (scikit-learn's default) and says so.
 """
 from __future__ import annotations
@@ -17,10 +20,12 @@ COARSE = [10.0 ** k for k in range(-6, 7)]
 FINE = [10.0 ** (k / 3) for k in (-2, -1, 1, 2)]   # times the coarse best
 FALLBACK_C = 1.0
 MAX_ITER = 1000
+SEARCH_TOL, FINAL_TOL = 1e-4, 1e-5   # L-BFGS gradient tolerance: while searching C, for the chosen C
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tol: float = FINAL_TOL) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) minimising the objective above; float64, full batch, L-BFGS with a strong-Wolfe
     line search. Solved as ``mean CE + λ/2 ‖W‖²`` with λ = 1/(C·N) (the same minimiser), with
     ``W = s·V``, s = 1/√(1+λ): V's curvature is then about 1 whatever C is, so a small C (a
@@ -31,7 +36,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     s = (1.0 + lam) ** -0.5
     v = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device) if init is None else init[0] / s
     b = torch.zeros(num_classes, dtype=torch.float64, device=x.device) if init is None else init[1].clone()
-    optimizer = torch.optim.LBFGS([v, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-10,
+    optimizer = torch.optim.LBFGS([v, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=tol, tolerance_change=1e-10,
                                   history_size=20, line_search_fn="strong_wolfe")
     one_hot = F.one_hot(labels, num_classes).double()
 
@@ -55,12 +60,12 @@ class LinearProbe(Baseline):
     def fit(self, data: BaselineData) -> None:
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _fit(self, data: BaselineData, c: float, init=None):
-        return fit_logistic(data.train, data.train_labels, data.num_classes, c, init)
+    def _fit(self, data: BaselineData, c: float, init=None, tol: float = SEARCH_TOL):
+        return fit_logistic(data.train, data.train_labels, data.num_classes, c, init, tol)
 
     def choose(self, data: BaselineData) -> dict:
         if data.val is None:
-            self.weights = self._fit(data, FALLBACK_C)
+            self.weights = self._fit(data, FALLBACK_C, tol=FINAL_TOL)
             return {"C": FALLBACK_C, "C_source": "fixed: no validation data (scikit-learn's default C)"}
         fits, scores = {}, {}
         previous = None
@@ -68,12 +73,13 @@ class LinearProbe(Baseline):
             fits[c] = previous = self._fit(data, c, previous)
             scores[c] = accuracy(self._apply(fits[c], data.val), data.val_labels)
         coarse = COARSE[best_index([scores[c] for c in COARSE])]
-        for c in (coarse * f for f in FINE):
-            fits[c] = self._fit(data, c, fits[coarse])
+        for c in sorted(coarse * f for f in FINE):   # each warm-started from the nearest smaller C fitted
+            below = [k for k in fits if k < c]
+            fits[c] = self._fit(data, c, fits[max(below)] if below else None)
             scores[c] = accuracy(self._apply(fits[c], data.val), data.val_labels)
         candidates = sorted(fits)
         chosen = candidates[best_index([scores[c] for c in candidates])]
-        self.weights = fits[chosen]
+        self.weights = self._fit(data, chosen, fits[chosen], FINAL_TOL)
         return {"C": chosen, "C_source": "val", "searched": len(candidates)}
 
     @staticmethod

@@ -84,10 +84,10 @@ def resize_weights(in_sizes: torch.Tensor, out_size: int, width: int) -> torch.T
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """0–255 pixels (clamped) -> CLIP's normalised input."""
+    """0–255 float pixels (clamped) -> CLIP's normalised input, in place (the caller's buffer)."""
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1) * 255
-    return (pixels.clamp_(0, 255) - mean) / std
+    return pixels.clamp_(0, 255).sub_(mean).div_(std)
 
 
 @dataclass
