@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import pickle
+import queue
 import random
 import socket
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -423,15 +425,12 @@ class background:
     _DONE = object()
 
     def __init__(self, iterable, depth: int = 2):
-        import queue
-        import threading
-        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(iterable),), daemon=True)
         self._thread.start()
 
     def _put(self, item) -> bool:
-        import queue
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from evaluation import harmonic_mean
+
 from .base import Baseline, BaselineData, accuracy
 from .linear_probe import LinearProbe
 from .tip_adapter import TipAdapter
@@ -41,7 +43,6 @@ def run_baselines(names: list[str], data: BaselineData,
         if method.note:
             result["note"] = method.note
         if "base_acc" in result and "new_acc" in result:   # base-to-new: zero-shot CLIP has both
-            from evaluation import harmonic_mean
             result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
         result.setdefault("test_acc", result.get("hm", result.get("base_acc")))
         out[name] = result

@@ -13,6 +13,8 @@ in chunks so that no ``features × keys`` matrix larger than ``CHUNK`` values is
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from utils import RaftError
@@ -36,7 +38,6 @@ def check_fits(keys: torch.Tensor, device: torch.device) -> None:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        import os
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
     if free is not None and need > free:
         raise RaftError(f"Tip-Adapter's cache ({keys.shape[0]} keys × {keys.shape[1]} = {keys.numel() * 4 / 2**30:.2f} "
