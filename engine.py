@@ -2,6 +2,7 @@
 
 ``run`` is a short sequence of named phases:
 
+    start_processes torchrun's processes (nothing in a plain run); check_global_batch
     plan_run        which run folder, what is already there (finished, trained, a resume state)
     choose_device   this process's device (one GPU per torchrun process) and amp
     make_task       which classes the pool trains on and which it is scored on (the protocol)
@@ -537,14 +538,11 @@ def measure_baselines(model: Model, cfg: Config, data: DatasetSplits, task: Task
     start = time.perf_counter()
     clip, logits = model.clip, evaluation["logits"]
     name = f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}"
-    if cfg.feature_cache:
-        store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
-                           cfg.num_workers, device, use_amp, keep_maps=False)
-        train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
-    else:
-        batches = live_batches(clip, images.train, eval_transform(clip.image_size), cfg.eval_batch_size,
-                               cfg.num_workers, device, use_amp)
-        train = torch.cat([v0.float().cpu() for _, v0, _ in batches])
+    # v0 only (N×D, small): stored like the views below whatever feature_cache says, which also
+    # puts torchrun's shares back in the images' order
+    store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
+                       cfg.num_workers, device, use_amp, keep_maps=False)
+    train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
     views = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
                        cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
     views = torch.from_numpy(np.array(views.pooled, dtype=np.float32)).view(TIP_VIEWS, len(images.train), -1)

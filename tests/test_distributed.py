@@ -63,6 +63,23 @@ def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
     assert out.count("results in") == 1                                           # rank 0 alone reports
 
 
+
+def test_two_processes_without_the_feature_cache_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
+    """feature_cache: false — the uncached evaluation and the baselines' features of the few-shot
+    images are computed in shares by the two processes and put back together: the same numbers,
+    baselines included, as one process."""
+    settings = ("--batch_size", "11", "--train_epoch", "2", "--feature_cache", "false")
+    assert cli(args_for(dtd, tmp_path, *settings), capsys)[0] == 0
+    reference, r1 = numbers(run_dir(tmp_path) / "results.json")
+    proc = torchrun(args_for(dtd, tmp_path, *settings, "--output_dir", str(tmp_path / "out2"), "--cache_dir",
+                             str(tmp_path / "cache2")))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    got, r2 = numbers(tmp_path / "out2" / "dtd" / "tiny-rn_4shots_seed1" / "results.json")
+    assert got == reference and r2["sizes"] == r1["sizes"] == {"train": 12, "val": 6, "test": 9}
+    assert ({k: (v["test_acc"], v["val_acc"], v["hyper"]) for k, v in r2["baselines"].items()}
+            == {k: (v["test_acc"], v["val_acc"], v["hyper"]) for k, v in r1["baselines"].items()})
+
 def children(pid):
     found = []
     for entry in os.listdir("/proc"):
