@@ -26,6 +26,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from evaluation import harmonic_mean
 from utils import RaftError, atomic_write, run_main
 
 # The paper's column order; any other dataset follows alphabetically.
@@ -275,7 +276,6 @@ def csv_rows(header: list[str], rows: list[list]) -> str:
 def base2new_tables(rows: list[dict], group: str) -> tuple[str, str]:
     """Base / new / HM per dataset (RAFT and zero-shot CLIP), mean ± std over seeds, and the
     average over the eleven datasets once all of them are there."""
-    from evaluation import harmonic_mean
     datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
     per = {d: [r for r in rows if r["dataset"] == d] for d in datasets}
     lines = [f"### RAFT, {group}: base-to-new generalisation ({len(rows)} runs)", "",
