@@ -238,8 +238,6 @@ class StoreWriter:
     def write(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor) -> None:
         """Append a batch (see the class)."""
         maps = fmap.detach().to(self.torch_dtype)
-        if self.maps.shape[1:] == NO_MAPS:  # a store of v0 alone
-            maps = maps.new_zeros(len(maps), 0)
         fits = torch.isfinite(maps).all()
         self.finite = fits if self.finite is None else self.finite & fits
         self.from_half |= fmap.dtype != torch.float32
@@ -311,6 +309,8 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
             skipped = []
             for fmap, v0, labels in tqdm(batches(skipped), desc=desc, leave=False, dynamic_ncols=True,
                                          disable=None if world.main else True):
+                if map_shape == NO_MAPS:  # a store of v0 alone: the maps are neither gathered nor written
+                    fmap = fmap.new_zeros(len(fmap), 0)
                 if world.many:
                     fmap, v0, labels = world.gather(fmap), world.gather(v0), world.gather(labels)
                 if writer is not None:
