@@ -473,6 +473,14 @@ class LiveSource:
         self.aug_state = None
         self.order = state["order"]
 
+    def whole_batch(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor):
+        """``dist_exact``: the global batch, in every process — the processes' trunk outputs (each
+        its rank's contiguous part) put together, and CLIP's ``v0`` computed again on all of them
+        as one process computes it (a product's rows may round differently with the batch size)."""
+        fmap, labels = WORLD.gather(fmap), WORLD.gather(labels)
+        with torch.no_grad(), autocast(self.device, self.amp):
+            return fmap, self.clip.pooled(fmap), labels
+
     def epoch(self, epoch: int, start: int = 0):
         """Batches of the epoch from batch ``start`` on (start > 0: resuming inside an epoch)."""
         if start == 0:
@@ -577,6 +585,11 @@ class ViewSource:
     def load_state_dict(self, state: dict) -> None:
         self.order_gen.set_state(state["order_gen"])
         self.order = state["order"]
+
+    @staticmethod
+    def whole_batch(fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor):
+        """``dist_exact``: the global batch, in every process: the rows one process would read."""
+        return WORLD.gather(fmap), WORLD.gather(v0), WORLD.gather(labels)
 
     def epoch(self, epoch: int, start: int = 0):
         if start == 0:

@@ -25,7 +25,8 @@ STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
 NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
                      "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
-                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines", "dist_timeout"}
+                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines", "dist_timeout",
+                     "dist_exact"}
 
 
 class Interrupted(RaftError):
@@ -181,10 +182,12 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
     # float16 logits, no autocast and no loss scaling (clip/reference.py)
     world = WORLD
     reference = cfg.pool_precision == "float16_reference"
-    if reference and world.many:
+    if reference and world.many and not cfg.dist_exact:
         raise RaftError("pool_precision float16_reference trains as the published code does, in one process: "
-                        "run it without torchrun (its float16 gradients would be summed across processes)")
+                        "run it without torchrun, or with --dist_exact true (otherwise its float16 gradients "
+                        "would be summed across processes)")
     use_amp = cfg.amp and device.type == "cuda" and not reference
+    exact = world.many and cfg.dist_exact   # every process steps on the whole global batch (no gradient sum)
     params = [p for p in pool.parameters() if p.requires_grad]
     optimizer = reference_adamw(params, cfg.lr, cfg.eps, cfg.weight_decay) if reference else adamw(params, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -230,6 +233,8 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                        dynamic_ncols=True, disable=None if world.main else True)
             shown = time.monotonic()
             for fmap, v0, labels in bar:
+                if exact:   # the shards, in rank order, are the global batch: one process's tensors exactly
+                    fmap, v0, labels = source.whole_batch(fmap, v0, labels)
                 lr = lr_at(progress["step"], total, warmup, cfg.lr, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -237,6 +242,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                     v_cls, v_bg = pool(fmap)
                 # under torchrun: this process's share of the global batch's mean loss (every term a
                 # sum over its images divided by the global batch size); the gradients are summed
+                # (with dist_exact: the whole batch's loss, the same in every process)
                 batch = source.batch_images(progress["position"])
                 shared = {} if reference else {"total": batch}
                 loss, terms = loss_fn(v_cls, v_bg, v0.to(v_cls.dtype) if reference else v0, text, labels,
@@ -244,12 +250,14 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                                       scale=cfg.logit_scale, **shared)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                world.sum_grads(params)
+                if not exact:
+                    world.sum_grads(params)
                 scaler.step(optimizer)
                 scaler.update()
                 with torch.no_grad():
                     correct = (cosine_logits(v_cls, text[:, :-1]).argmax(1) == labels).sum()
-                tally.add(progress["step"], loss, terms, correct, batch, labels.shape[0])
+                if world.main or not exact:   # dist_exact: every process saw the whole batch; count it once
+                    tally.add(progress["step"], loss, terms, correct, batch, labels.shape[0])
                 progress["step"] += 1
                 progress["position"] += 1
                 if not bar.disable and time.monotonic() - shown > 2.0:  # the bar's loss: a sync every 2 s

@@ -133,6 +133,10 @@ SCHEMA: dict[str, Key] = {
     "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
     "dist_timeout": Key((float,), 1800.0, "torchrun runs: seconds a collective may wait for the other processes "
                                           "before the run stops (doc/distributed.md)", False, _positive, "> 0"),
+    "dist_exact": Key((bool,), False, "torchrun runs: every process runs the region pool on the whole global "
+                                      "batch (the trunk's features gathered), so the update is one process's bit "
+                                      "for bit, instead of summing the processes' gradients (equal up to float "
+                                      "rounding); costs a feature gather per step (doc/distributed.md)"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
                                      "per image computed once and cycled through the epochs", True, _positive, "> 0"),

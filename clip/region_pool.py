@@ -20,7 +20,9 @@ from torch import nn
 
 def summary_tokens(fmap: torch.Tensor, positional_embedding: torch.Tensor, n_summary: int) -> torch.Tensor:
     """``B×E×H×W`` map -> ``B×(n_summary+HW)×E`` tokens: ``n_summary`` copies of the mean, then the grid."""
-    x = fmap.flatten(2).transpose(1, 2)                       # B, HW, E (row-major, as CLIP's pool)
+    # B, HW, E (row-major, as CLIP's pool), in one memory layout whatever the map's (the trunk's
+    # channels-last output, a cached map, a torchrun gather): the same input, the same rounding
+    x = fmap.flatten(2).transpose(1, 2).contiguous()
     mean = x.mean(dim=1, keepdim=True).expand(-1, n_summary, -1)
     return torch.cat([mean, x], dim=1) + positional_embedding.to(x.dtype)
 

@@ -64,6 +64,33 @@ def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
 
 
 
+
+@pytest.mark.parametrize("backbone, precision", [("tiny-rn", "float32"), ("tiny-vit", "float16_reference")])
+def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsys, backbone, precision):
+    """dist_exact: every process runs the pool on the gathered global batch, so the weights are
+    the 1-process run's exactly (the ResNet's gathered maps lose the trunk's channels-last
+    layout on the way; the ViT path allows the published code's float16 numerics). The one
+    process uses one thread, as each torchrun process does: CPU kernels split their sums by
+    thread, so the thread count is part of what fixes the rounding."""
+    settings = ("--batch_size", "11", "--train_epoch", "4", "--backbone", backbone, "--pool_precision", precision,
+                "--baselines", "[]")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(args_for(dtd, tmp_path, *settings), capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    reference, _ = numbers(tmp_path / "out" / "dtd" / f"{backbone}_4shots_seed1" / "results.json")
+    proc = torchrun(args_for(dtd, tmp_path, *settings, "--dist_exact", "true", "--output_dir", str(tmp_path / "out2"),
+                             "--cache_dir", str(tmp_path / "cache2")))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    folder = tmp_path / "out2" / "dtd" / f"{backbone}_4shots_seed1"
+    assert numbers(folder / "results.json")[0] == reference
+    a = torch.load(tmp_path / "out" / "dtd" / f"{backbone}_4shots_seed1" / "checkpoint.pt", weights_only=True)["pool"]
+    b = torch.load(folder / "checkpoint.pt", weights_only=True)["pool"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 def test_two_processes_without_the_feature_cache_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
     """feature_cache: false — the uncached evaluation and the baselines' features of the few-shot
     images are computed in shares by the two processes and put back together: the same numbers,
