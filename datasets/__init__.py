@@ -23,6 +23,7 @@ def load_dataset(cfg) -> DatasetSplits:
         ensure_demo_dataset(cfg.data_path)  # generated once, offline
     return read_coop_dataset(cfg.dataset, cfg.data_path)
 
+
 __all__ = ["DatasetSplits", "Datum", "ShiftSet", "LAYOUTS", "read_coop_dataset", "few_shot", "sample_per_class",
-           "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_sample_differs", "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet",
-           "read_shift_set", "load_dataset"]
+           "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_sample_differs",
+           "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet", "read_shift_set", "load_dataset"]
