@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +31,19 @@ import torch
 import torch.nn.functional as F
 
 from baselines import BaselineData, run_baselines
-from clip.backbone import FrozenCLIP, batchnorm_statistics, calibrate_batchnorm, load_open_clip, restore_batchnorm
+from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip, restore_batchnorm
 from clip.reference import make_region_pool, never_moved
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
-from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list,
+from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, save_list, saved_meta,
                       saved_sample_differs, validation_from_train)
 from datasets.loader import eval_transform, make_loader
 from evaluation import SplitLogits, collect_logits, evaluate, evaluate_base2new
-from features import LiveSource, ViewSource, eval_store, live_batches, view_store
+from features import LiveSource, ViewSource, eval_store, live_batches, share_rounding, view_store
+from run.checkpoints import (check_backbone, check_same_classes, load_pool_state, read_checkpoint, read_results,
+                             save_checkpoint, source_dataset)
 from training import NOT_TRAINING_KEYS, describe_changes, settings_differ, train_pool
-from utils import (SCHEMA, WORLD, Config, RaftError, World, check_outside_data, remove_temporaries, resolve_device,
-                   set_seed, setup_logging, start_processes, torch_load, torch_save, write_json, write_yaml)
-
-# 1: the pool, its config, class names and text classifier;
-# 2: + the dataset it was trained on and its few-shot sample's SHA-256
-CHECKPOINT_FORMAT = 2
+from utils import (SCHEMA, WORLD, Config, RaftError, World, check_outside_data, load_yaml, printable,
+                   remove_temporaries, resolve_device, set_seed, setup_logging, start_processes, write_json, write_yaml)
 
 # Settings that shape what a trained pool computes, or which images it was trained on:
 # evaluation of a checkpoint takes them from the checkpoint, not from the command line.
@@ -104,57 +102,6 @@ def run_dir_of(cfg: Config, dataset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, trained: DatasetSplits,
-                    text: torch.Tensor, train_seconds: float, fewshot_sha256: str) -> None:
-    """The region pool plus what using it needs without the dataset: the class names and the
-    text classifier of the classes it was trained on (predict.py, visualize.py; the base
-    classes for base-to-new), the dataset (evaluating it elsewhere is a transfer), and a
-    re-estimated trunk's BatchNorm statistics."""
-    measured = batchnorm_statistics(clip) if cfg.calibrate_bn else {}
-    torch_save(path, {"format": CHECKPOINT_FORMAT, "pool": pool.state_dict(), "config": dict(cfg),
-                      "backbone": cfg.backbone, "dataset": trained.name, "num_classes": trained.num_classes,
-                      "classnames": list(trained.classnames), "text": text.detach().cpu(),
-                      "trunk_batchnorm": measured, "train_seconds": train_seconds,
-                      "fewshot_sha256": fewshot_sha256})
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint (weights_only: no pickled code) and check it is one of ours."""
-    ckpt = torch_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or "pool" not in ckpt or not isinstance(ckpt.get("config"), dict):
-        raise RaftError(f"{path} is not a RAFT checkpoint (no region-pool state)")
-    if ckpt.get("format", 1) > CHECKPOINT_FORMAT:
-        raise RaftError(f"{path} was written by a newer version of this code (checkpoint format "
-                        f"{ckpt['format']}, this version reads up to {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def source_dataset(ckpt: dict) -> str | None:
-    """The dataset a checkpoint was trained on. Format 1 recorded only the config's `dataset`,
-    which names CoOp datasets but says just 'folder' for your own folders."""
-    if ckpt.get("dataset"):
-        return ckpt["dataset"]
-    name = ckpt["config"].get("dataset")
-    return None if name in (None, "folder") else name
-
-
-def check_backbone(ckpt: dict, path: Path, cfg: Config) -> None:
-    if ckpt.get("backbone") != cfg.backbone:
-        raise RaftError(f"checkpoint {path} was trained with backbone {ckpt.get('backbone')}, "
-                        f"this run uses {cfg.backbone}")
-
-
-def check_same_classes(ckpt: dict, path: Path, data: DatasetSplits) -> None:
-    if ckpt.get("num_classes") != data.num_classes:
-        raise RaftError(f"checkpoint {path} was trained for {ckpt.get('num_classes')} classes, "
-                        f"this dataset has {data.num_classes}")
-    stored = ckpt.get("classnames")
-    if stored is not None and list(stored) != list(data.classnames):
-        i = next(i for i, (a, b) in enumerate(zip(stored, data.classnames)) if a != b)
-        raise RaftError(f"checkpoint {path} was trained on other classes than {data.name} at {data.root} has "
-                        f"(class {i}: '{stored[i]}' there, '{data.classnames[i]}' here)")
-
-
 def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfer: bool, log) -> Config:
     """The settings that define the checkpoint's model: its training settings always (not its
     class text, for a transfer), its backbone and weights unless the command line gives them."""
@@ -169,13 +116,6 @@ def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfe
     return Config(dict(cfg) | changed)
 
 
-def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
-    try:
-        pool.load_state_dict(ckpt["pool"])
-    except RuntimeError as exc:
-        raise RaftError(f"checkpoint {path} does not fit this region pool: {str(exc).splitlines()[0]}") from None
-
-
 # --------------------------------------------------------------------------- phases
 @dataclass
 class RunPlan:
@@ -188,6 +128,7 @@ class RunPlan:
     state_path: Path | None = None   # where training saves its resumable state (None: no training)
     ckpt: dict | None = None         # a trained pool to evaluate instead of training one
     transfer_from: str | None = None  # evaluating a pool trained on this other dataset
+    share_rounding: dict | None = None  # dist_exact: whether the processes' trunk shares round as one batch
 
     @property
     def trains(self) -> bool:
@@ -217,9 +158,9 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
                        transfer_from=source)
     run_dir = run_dir_of(cfg, data.name)
     plan = RunPlan(cfg, None, run_dir, run_dir / "results.json", run_dir / "checkpoint.pt", run_dir / "resume.pt")
-    if plan.results_path.is_file() and not flags.force:
-        print(f"{plan.results_path} exists: run already finished (use --force to run it again; --eval-only "
-              f"evaluates it again under other evaluation settings)")
+    if plan.results_path.is_file() and not flags.force and finished_here(plan, cfg, data):
+        print(f"{printable(plan.results_path)} exists: run already finished (use --force to run it again; "
+              f"--eval-only evaluates it again under other evaluation settings)")
         return None
     plan.log = setup_logging(run_dir / "log.txt")
     world = WORLD
@@ -239,6 +180,40 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
         plan.ckpt = ckpt
         plan.log.info(f"training already finished ({plan.ckpt_path}): evaluating")
     return plan
+
+
+def finished_here(plan: RunPlan, cfg: Config, data: DatasetSplits) -> bool:
+    """Whether the run folder's results.json answers for this run: made with these training
+    settings (the ones written in config files too, not only the folder name's) on this data.
+    A damaged results file is not an answer: the run is evaluated or trained again. Results of
+    other settings or other data are refused, never reported as this run's."""
+    try:
+        results = read_results(plan.results_path)
+    except RaftError as exc:
+        print(f"warning: {exc}: evaluating the run again", file=sys.stderr)
+        return False
+    saved = results.get("config")
+    if saved is None and (plan.run_dir / "config.yaml").is_file():   # results of versions that did not record it
+        saved = load_yaml(plan.run_dir / "config.yaml")
+    changed = settings_differ(saved, cfg) if saved is not None else {}
+    if changed:
+        raise RaftError(f"{plan.run_dir} holds a finished run with other settings ({describe_changes(changed)}): "
+                        f"give this one its own folder with --name TAG, or --force to replace it")
+    check_same_data(results.get("data_sha256"), data, plan.run_dir)
+    return True
+
+
+def check_same_data(stored: str | None, data: DatasetSplits, where: Path,
+                    splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """A run folder made on other data (another data_path, an edited split file, other class
+    folders) is named as such, not mistaken for an older version's. ``splits``: what the
+    record covers (a trained pool: the class names and the training list)."""
+    now = data.digest(splits)
+    if stored and stored != now:
+        listed = "training images" if splits == ("train",) else "images its splits list"
+        raise RaftError(f"{where} was made on other data than {data.name} at {printable(data.root)} holds now (its "
+                        f"class names or the {listed} differ; SHA-256 {stored[:12]}… then, {now[:12]}… now): point "
+                        f"--data_path at that data, or use --force to start over on this one")
 
 
 @dataclass
@@ -306,6 +281,7 @@ def sample_images(cfg: Config, data: DatasetSplits, task: Task, plan: RunPlan) -
     (so seed 1 trains on the same images)."""
     if plan.transfer_from is not None:  # alpha comes from the source run: no target label chooses anything
         return ImageSets([], [], None)
+    check_shots(cfg.shots, data)
     train = in_classes(few_shot(data.train, cfg.shots, cfg.seed, data.num_classes), task.train)
     check_same_sample(plan, train, data, cfg)
     val, source = in_classes(data.val, task.train), "split"
@@ -318,12 +294,34 @@ def sample_images(cfg: Config, data: DatasetSplits, task: Task, plan: RunPlan) -
     return ImageSets(train, val, source if val else None)
 
 
+PROTOCOL_SHOTS = 16   # the field's largest few-shot setting
+
+
+def check_shots(shots: int, data: DatasetSplits) -> None:
+    """Shots beyond what any class holds only repeat images (the sampler draws with replacement
+    from a small class, as published) while every copy is decoded and trained on: bounded by
+    the largest class's training images, or 16 for datasets smaller than the protocol."""
+    counts: dict[int, int] = {}
+    for d in data.train:
+        counts[d.label] = counts.get(d.label, 0) + 1
+    largest = max(counts.values(), default=0)
+    bound = max(PROTOCOL_SHOTS, largest)
+    if shots > bound:
+        raise RaftError(f"shots {shots} is more than any class of {data.name} has training images (largest class: "
+                        f"{largest}): every image would repeat, {shots * data.num_classes:,} copies decoded; "
+                        f"shots may be at most {bound} (the largest class, or {PROTOCOL_SHOTS})")
+
+
 def check_same_sample(plan: RunPlan, train: list[Datum], data: DatasetSplits, cfg: Config) -> None:
     """A run resumed or evaluated must have been trained on the images this version samples
     (the sample is part of what a run's settings determine). Runs of versions that visited
     the classes in label order differ where a split file's train list is not in label order."""
     if plan.ckpt is None and not (plan.state_path is not None and plan.state_path.is_file()):
         return  # a fresh run writes its own list
+    if plan.transfer_from is None:
+        check_same_data(plan.ckpt.get("train_data_sha256") if plan.ckpt is not None
+                        else saved_meta(plan.run_dir / "fewshot.json").get("train_data_sha256"), data, plan.run_dir,
+                        ("train",))
     stored = plan.ckpt.get("fewshot_sha256") if plan.ckpt is not None else None
     differs = (stored != sample_digest(train, data.image_root or data.root) if stored
                else saved_sample_differs(plan.run_dir / "fewshot.json", train, data.root))
@@ -386,9 +384,17 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     if world.main:
         write_yaml(plan.run_dir / "config.yaml", dict(cfg))
         save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
-                  shots=cfg.shots, seed=cfg.seed)
+                  shots=cfg.shots, seed=cfg.seed, train_data_sha256=data.digest(("train",)))
         if images.val_source not in (None, "split"):
             save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
+    if world.many and cfg.dist_exact and not cfg.train_views:   # cached views are computed in whole batches
+        whole = [cfg.batch_size] + ([len(images.train) % cfg.batch_size] if len(images.train) % cfg.batch_size else [])
+        plan.share_rounding = share_rounding(model.clip, whole, world.size, device, use_amp)
+        if not plan.share_rounding["exact"]:
+            log.warning(f"warning: dist_exact: on this machine the trunk rounds an image differently inside a "
+                        f"process's share (sizes {plan.share_rounding['share_sizes']}) than inside the whole batch "
+                        f"(max difference {plan.share_rounding['max_difference']:.1e}); the pool's updates stay one "
+                        f"process's, its inputs differ in the last bits (doc/distributed.md)")
     set_seed(cfg.seed)
     start = time.perf_counter()
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp, num_workers=cfg.num_workers)
@@ -402,7 +408,7 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     train_seconds = prepare_seconds + stats["seconds"]
     if world.main:
         save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
-                        sample_digest(images.train, data.image_root or data.root))
+                        sample_digest(images.train, data.image_root or data.root), data.digest(("train",)))
         plan.state_path.unlink(missing_ok=True)
     world.barrier()
     log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
@@ -516,11 +522,13 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
             "logits": {"val": val, **scored}, "seconds": time.perf_counter() - start}
 
 
-def pool_numerics(model: Model, cfg: Config) -> dict:
+def pool_numerics(model: Model, cfg: Config, plan: RunPlan) -> dict:
     """The pool's precision, and per tensor the share of entries training never moved from
-    their initial values (a fresh pool: the copy of CLIP's) -- float16 updates can round away."""
+    their initial values (a fresh pool: the copy of CLIP's) -- float16 updates can round away;
+    for dist_exact, whether the trunk's shares rounded as one process's batches."""
     initial = make_region_pool(model.clip, cfg.mask_bg_in_cls, cfg.pool_precision).state_dict()
-    return {"pool_precision": cfg.pool_precision, "never_moved": never_moved(initial, model.pool.state_dict())}
+    return {"pool_precision": cfg.pool_precision, "never_moved": never_moved(initial, model.pool.state_dict()),
+            **({"share_rounding": plan.share_rounding} if plan.share_rounding else {})}
 
 
 TIP_VIEWS, TIP_CROP_SCALE = 10, (0.5, 1.0)   # Tip-Adapter's cache: 10 augmented views (doc/baselines.md)
@@ -570,11 +578,10 @@ def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
     if cfg.alpha is not None:
         return cfg.alpha, "config"
     source_results = plan.ckpt_path.parent / "results.json"
-    try:
-        return float(json.loads(source_results.read_text())["alpha"]), f"source run ({source_results})"
-    except (OSError, ValueError, KeyError, TypeError):
-        raise RaftError(f"{source_results} is missing or unreadable: the source run's alpha is unknown "
-                        f"(finish that run first, or pass a fixed --alpha)") from None
+    if not source_results.is_file():
+        raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
+                        f"(finish that run first, or pass a fixed --alpha)")
+    return float(read_results(source_results)["alpha"]), f"source run ({source_results})"
 
 
 def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, numerics: dict,
@@ -582,6 +589,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
     metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
     results = {
         "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+        "data_sha256": data.digest(),
         "seed": cfg.seed, "num_classes": data.num_classes, "name": cfg.name or None,
         "sizes": evaluation["sizes"],
         "val_source": evaluation["val_source"],
@@ -596,7 +604,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "numerics": numerics,
         "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
-        "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": dict(cfg),
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
@@ -649,7 +657,7 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     model = build_model(cfg, data, task, images, plan, device)
     train_seconds = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
-    numerics = pool_numerics(model, cfg)
+    numerics = pool_numerics(model, cfg, plan)
     baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
     return write_results(cfg, data, plan, evaluation, numerics, baselines, train_seconds, device)
 

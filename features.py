@@ -25,7 +25,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from datasets.base import Datum
 from datasets.augment import CROP_RATIO, CROP_SCALE, augment, crop_params, prepare_batch  # noqa: F401 (re-exported)
 from datasets.loader import UnreadableImage, eval_transform, make_loader, read_rgb
-from utils import WORLD, RaftError, autocast, background, resolve_workers, sha256_text
+from utils import WORLD, RaftError, World, autocast, background, resolve_workers, sha256_text
 
 
 log = logging.getLogger("raft")
@@ -437,6 +436,39 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int | str,
     return [torch.from_numpy(img).permute(2, 0, 1) for img in decoded]
 
 
+def encode_share(clip, images: torch.Tensor, whole: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trunk on a torchrun process's share of a global batch of ``whole`` images. A share
+    of one image out of more runs as two (the image twice, one row kept): CPU kernels take
+    another path for a batch of one (oneDNN's), whose last bits differ from the same image's
+    inside a larger batch, which is what one process computes (doc/distributed.md)."""
+    if images.shape[0] == 1 and whole > 1:
+        fmap, v0 = clip.encode_image(images.expand(2, *images.shape[1:]))
+        return fmap[:1], v0[:1]
+    return clip.encode_image(images)
+
+
+@torch.no_grad()
+def share_rounding(clip, batch_sizes: list[int], size: int, device: torch.device, amp: bool) -> dict:
+    """Whether the trunk gives an image the same bits inside a torchrun process's share as
+    inside the whole global batch (what one process computes), for the global batch sizes of
+    a run and ``size`` processes: ``dist_exact`` is exact exactly when it does. Probed on
+    seeded random images; kernels choose their algorithm by shape, not by pixel values."""
+    gen = torch.Generator().manual_seed(0)
+    worst, shares = 0.0, set()
+    for whole in sorted(set(batch_sizes)):
+        images = torch.randn(whole, 3, clip.image_size, clip.image_size, generator=gen).to(device)
+        with autocast(device, amp):
+            reference, _ = clip.encode_image(images)
+            for rank in range(size):
+                part = World(rank, size).shard(whole)
+                if part.stop > part.start:
+                    shares.add(part.stop - part.start)
+                    fmap, _ = encode_share(clip, images[part], whole)
+                    worst = max(worst, (fmap.float() - reference[part].float()).abs().max().item())
+    return {"share_sizes": sorted(shares), "global_batches": sorted(set(batch_sizes)), "max_difference": worst,
+            "exact": worst == 0.0}
+
+
 class LiveSource:
     """Faithful training batches: a fresh augmentation of every image each epoch, trunk on the fly.
 
@@ -499,10 +531,10 @@ class LiveSource:
 
         feed = iter(background(host_work(), depth=2))
         try:
-            for batch, labels, state in feed:
+            for position, (batch, labels, state) in enumerate(feed, start):
                 images = batch.finish(self.device, self.amp)
                 with autocast(self.device, self.amp):
-                    fmap, v0 = self.clip.encode_image(images)
+                    fmap, v0 = encode_share(self.clip, images, self.batch_images(position))
                 self.aug_state = state
                 yield fmap, v0, labels.to(self.device, non_blocking=True)
         finally:

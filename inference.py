@@ -6,7 +6,6 @@ the text classifier; results.json carries the alpha chosen on validation data.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from clip.reference import make_region_pool
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
 from loss import cosine_logits
-from utils import Config, RaftError, build_config, resolve_device, torch_load
+from run.checkpoints import load_pool_state, read_checkpoint, read_results
+from utils import Config, RaftError, ToolParser, build_config, resolve_device
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainedRun:
 
 def run_arguments(description: str) -> argparse.ArgumentParser:
     """The command-line arguments every tool that uses a finished run shares."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--device", default="auto")
@@ -55,14 +55,14 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     ckpt_path = run_dir / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise RaftError(f"{run_dir} holds no checkpoint.pt (not a run folder, or training has not finished)")
-    ckpt = torch_load(ckpt_path, "checkpoint")
-    if not isinstance(ckpt, dict) or not {"pool", "config", "classnames", "text"} <= set(ckpt):
+    ckpt = read_checkpoint(ckpt_path)
+    if not {"classnames", "text"} <= set(ckpt):
         raise RaftError(f"{ckpt_path} lacks the class names and text classifier that prediction needs "
                         f"(written by an older version: run the training again with --force)")
     cfg = build_config(None, ckpt["config"] | ({"weights": weights} if weights else {}))
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        results = json.loads(results_path.read_text())
+        results = read_results(results_path)
         alpha, source = float(results["alpha"]), f"chosen on {results.get('alpha_source', 'val')}"
     elif cfg.alpha is not None:
         alpha, source = cfg.alpha, "config"
@@ -74,7 +74,10 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
         restore_batchnorm(clip, ckpt["trunk_batchnorm"])
     clip = clip.to(dev)
     pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision)
-    pool.load_state_dict(ckpt["pool"])
+    load_pool_state(pool, ckpt, ckpt_path)
+    if ckpt["text"].shape[0] != clip.embed_dim:
+        raise RaftError(f"checkpoint {ckpt_path}: its text matrix has {ckpt['text'].shape[0]} rows, "
+                        f"{cfg.backbone}'s embedding has {clip.embed_dim}")
     return TrainedRun(run_dir, cfg, clip, pool.to(dev).eval(), ckpt["text"].to(dev), list(ckpt["classnames"]),
                       alpha, source, dev)
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import sys
 
 from inference import class_probabilities, image_files, load_images, load_run, run_arguments
-from utils import run_main, write_json
+from utils import bounded, json_bytes, printable, run_main, write_json
 
 
 def main(argv: list[str] | None = None):
     parser = run_arguments(__doc__)
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=bounded(int, 1, 100_000), default=5,
+                        help="classes listed per image (1 to 100000; at most the run's classes are shown)")
     parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-': stdout only)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=bounded(int, 1, 1_024), default=32,
+                        help="images classified at once (1 to 1024: a batch is held in memory)")
     args = parser.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.weights)
     paths = image_files(args.images)
@@ -32,13 +34,12 @@ def main(argv: list[str] | None = None):
         probs = class_probabilities(run, images)
         top_p, top_i = probs.topk(k, dim=-1)
         for path, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
-            predictions.append({"image": str(path), "top": [
+            predictions.append({"image": printable(path), "top": [
                 {"class": run.classnames[i], "label": i, "probability": p} for p, i in zip(ps, idx)]})
     report = {"run": str(run.run_dir), "alpha": run.alpha, "alpha_source": run.alpha_source,
               "predictions": predictions, "errors": errors}
     if args.json == "-":
-        import json
-        print(json.dumps(report, indent=2))
+        print(json_bytes(report).decode())
     else:
         for pred in predictions:
             print(pred["image"])

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from evaluation import harmonic_mean
-from utils import RaftError, atomic_write, run_main
+from utils import RaftError, ToolParser, atomic_write, run_main
 
 # The paper's column order; any other dataset follows alphabetically.
 DATASET_ORDER = ["imagenet", "caltech101", "dtd", "eurosat", "fgvc", "food101", "oxford_flowers", "oxford_pets",
@@ -430,7 +430,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder searched recursively for results.json (e.g. output/)")
     parser.add_argument("--out", help="where to write summary.md/.csv/.png (default: ROOT)")
     parser.add_argument("--no-plot", action="store_true")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from clip.reference import reference_adamw
 from loss import cosine_logits, raft_loss, reference_loss
-from utils import SCHEMA, WORLD, Config, RaftError, autocast, torch_load, torch_save
+from utils import SCHEMA, WORLD, Config, RaftError, autocast, check_values, torch_load, torch_save
 
 STATE_FORMAT = 1
 # Keys that do not change what training computes: a run may resume under new values.
@@ -161,8 +161,12 @@ def load_state(path: Path, cfg: Config) -> dict | None:
     if not path.is_file():
         return None
     state = torch_load(path, "resume state")
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    fields = {"config": dict, "pool": dict, "optimizer": dict, "scaler": dict, "source": dict,
+              "torch_rng": torch.Tensor, "progress": dict}
+    if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
+            or not all(isinstance(state.get(k), kind) for k, kind in fields.items())):
         raise RaftError(f"{path} is not a resume state of this version; delete it or use --force")
+    check_values(state["config"], f"resume state {path}")
     changed = settings_differ(state["config"], cfg)
     if changed:
         raise RaftError(f"an unfinished run with other settings is in {path.parent} ({describe_changes(changed)}); "

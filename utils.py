@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import queue
@@ -22,7 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +39,73 @@ class RaftError(Exception):
     """An error caused by the user's input: printed as one line, without a traceback."""
 
 
+# --------------------------------------------------------------------------- text from files and names
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A text file a user or a third party brings: UTF-8, a byte-order mark dropped, CRLF and CR
+    line ends read as LF. Anything else (Latin-1, UTF-16, a binary file) is refused in one line
+    naming the file, the line and the byte, never guessed at."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RaftError(f"{what} not found: {printable(path)}") from None
+    except IsADirectoryError:
+        raise RaftError(f"{what} {printable(path)} is a folder, not a file") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RaftError(f"{what} {printable(path)} is not UTF-8 text: line {line} holds the byte "
+                        f"0x{data[exc.start]:02x} (save it as UTF-8)") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise RaftError(f"{what} {printable(path)} is a binary file, not text (a NUL byte on line {line})")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """A JSON file through ``read_text``; malformed JSON is one line naming the file and line."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise RaftError(f"{what} {printable(path)} is not valid JSON: {exc}") from None
+
+
+def printable(value: Any) -> str:
+    """A path or name as text that any terminal, log or JSON file takes: names that are not
+    valid UTF-8 (Python keeps their bytes as lone surrogates) show those bytes as \\xNN escapes."""
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def name_bytes(text: str) -> bytes:
+    """A string as the bytes it stands for (a file name that is not UTF-8 included): what hashes read."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse whose usage errors are ``RaftError``s: one line, exit code 2, like every other
+    error of the tools (argparse itself prints the usage and its own message)."""
+
+    def error(self, message: str):
+        raise RaftError(f"{message} (see {self.prog} --help)")
+
+
+def bounded(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """An argparse ``type`` for a number in [low, high] (the tools' numeric options)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 # --------------------------------------------------------------------------- config schema
 @dataclass(frozen=True)
 class Key:
@@ -49,13 +118,24 @@ class Key:
     choices: tuple = ()     # the valid values, when there is a fixed list
 
 
-def _positive(v):
-    return v > 0
+def span(low: float | None, high: float | None, strict_low: bool = False,
+         why: str = "") -> tuple[Callable[[Any], bool], str]:
+    """(check, rule) of a number range: every number a run reads has one (doc/robustness.md);
+    ``why`` says what the upper bound protects against."""
+    def check(v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((low is None or (v > low if strict_low else v >= low)) and (high is None or v <= high))
+
+    parts = ([f"{'>' if strict_low else '>='} {low:g}"] if low is not None else []) + \
+            ([f"<= {high:g}"] if high is not None else [])
+    return check, " and ".join(parts) + (f" ({why})" if why else "")
 
 
-def _non_negative(v):
-    return v >= 0
-
+POSITIVE = span(0, None, strict_low=True)
+SEED_MAX = 2 ** 32 - 1    # numpy's seed range; torch and random take it too
+SEED = span(0, SEED_MAX, why="a seed must fit 32 bits")
+IMAGES_IN_MEMORY = "a batch's images are held in memory at once"
 
 SCHEMA: dict[str, Key] = {
     # what to run on
@@ -63,8 +143,9 @@ SCHEMA: dict[str, Key] = {
     "data_path": Key((str,), None, "root folder of the dataset (CoOp layout)"),
     "split_fractions": Key((list,), [0.5, 0.2, 0.3], "dataset: folder only: train/val/test fractions of each "
                                                      "class folder when no train/ val/ test/ subfolders exist"),
-    "split_seed": Key((int,), 1, "dataset: folder only: seed of that split"),
-    "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True, _positive, "> 0"),
+    "split_seed": Key((int,), 1, "dataset: folder only: seed of that split", False, *SEED),
+    "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True,
+                       *span(0, 1_000_000, True)),
     "backbone": Key((str,), "RN50", "CLIP backbone (open_clip's names): ResNets RN50, RN101, RN50x4, RN50x16, "
                                     "RN50x64; ViTs ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 (RAFT-ViT, this "
                                     "project's extension: doc/method.md §10); tiny-rn, tiny-vit (random, offline)"),
@@ -76,28 +157,33 @@ SCHEMA: dict[str, Key] = {
     "protocol": Key((str,), "fewshot", "'fewshot': train and test on all classes (the paper's protocol); "
                                        "'base2new': train on the base half of the classes, test on base and new "
                                        "classes (CoCoOp's protocol)", choices=("fewshot", "base2new")),
-    "shots": Key((int,), 16, "training images per class", False, _positive, "> 0"),
-    "seed": Key((int,), 1, "seed of the few-shot sample, the data order and the augmentations"),
+    "shots": Key((int,), 16, "training images per class (at most the largest class's training images, or 16: "
+                             "more would repeat every image)", False,
+                 *span(0, 10_000, True, "few-shot; the data bounds it further")),
+    "seed": Key((int,), 1, "seed of the few-shot sample, the data order and the augmentations", False, *SEED),
     "val_per_class": Key((int,), 4, "datasets without a val split (ImageNet, folders without val/): "
                                     "validation images per class drawn from train images outside the few-shot set "
-                                    "(0: use the fixed `alpha`)", False, _non_negative, ">= 0"),
+                                    "(0: use the fixed `alpha`)", False, *span(0, 100_000)),
     # optimisation
-    "lr": Key((float,), 1e-4, "AdamW learning rate", False, _positive, "> 0"),
-    "min_lr": Key((float,), 1e-6, "learning rate at the end of the cosine decay", False, _non_negative, ">= 0"),
-    "eps": Key((float,), 1e-4, "AdamW epsilon", False, _positive, "> 0"),
-    "weight_decay": Key((float,), 0.01, "AdamW weight decay", False, _non_negative, ">= 0"),
-    "train_epoch": Key((int,), 50, "training epochs", False, _positive, "> 0"),
-    "warmup_epoch": Key((int,), 10, "epochs of linear learning-rate warm-up", False, _non_negative, ">= 0"),
-    "batch_size": Key((int,), 64, "training batch size", False, _positive, "> 0"),
+    "lr": Key((float,), 1e-4, "AdamW learning rate", False, *span(0, 10, True)),
+    "min_lr": Key((float,), 1e-6, "learning rate at the end of the cosine decay (at most lr)", False, *span(0, 10)),
+    "eps": Key((float,), 1e-4, "AdamW epsilon", False, *span(0, 1, True)),
+    "weight_decay": Key((float,), 0.01, "AdamW weight decay", False, *span(0, 10)),
+    "train_epoch": Key((int,), 50, "training epochs", False, *span(0, 100_000, True)),
+    "warmup_epoch": Key((int,), 10, "epochs of linear learning-rate warm-up (fewer than train_epoch)", False,
+                        *span(0, 100_000)),
+    "batch_size": Key((int,), 64, "training batch size", False, *span(0, 65_536, True, IMAGES_IN_MEMORY)),
     "batch_size_by_shots": Key((dict,), {}, "batch size for particular shot counts, e.g. {1: 64} (the reference's "
                                             "ImageNet 1-shot batch); a --batch_size on the command line wins"),
-    "eval_batch_size": Key((int,), 128, "evaluation batch size", False, _positive, "> 0"),
-    # loss
-    "lambda1": Key((float,), 0.1, "weight of the class/background separation term"),
-    "lambda2": Key((float,), 0.5, "weight of the L1 consistency term with zero-shot CLIP"),
-    "tau1": Key((float,), 2.0, "temperature of the class cross-entropy", False, _positive, "> 0"),
-    "tau2": Key((float,), 3.0, "temperature of the background cross-entropy", False, _positive, "> 0"),
-    "logit_scale": Key((float,), 100.0, "scale of the cosine logits", False, _positive, "> 0"),
+    "eval_batch_size": Key((int,), 128, "evaluation batch size", False, *span(0, 4_096, True, IMAGES_IN_MEMORY)),
+    # loss (a negative weight would reward what the term penalises: refused)
+    "lambda1": Key((float,), 0.1, "weight of the class/background separation term (>= 0; 0 turns it off)", False,
+                   *span(0, 1_000)),
+    "lambda2": Key((float,), 0.5, "weight of the L1 consistency term with zero-shot CLIP (>= 0; 0 turns it off)",
+                   False, *span(0, 1_000)),
+    "tau1": Key((float,), 2.0, "temperature of the class cross-entropy", False, *span(0.001, 1_000)),
+    "tau2": Key((float,), 3.0, "temperature of the background cross-entropy", False, *span(0.001, 1_000)),
+    "logit_scale": Key((float,), 100.0, "scale of the cosine logits", False, *span(0, 1_000, True)),
     # region pool / text variants (defaults = reference behaviour)
     "mask_bg_in_cls": Key((bool,), False, "mask the background token out of the class token's attention"),
     "pool_precision": Key((str,), "float32", "'float32': float32 weights (mixed-precision compute on CUDA); "
@@ -108,11 +194,13 @@ SCHEMA: dict[str, Key] = {
     "descriptions": Key((str,), "auto", "class descriptions file; 'auto' = gpt3_file/<dataset>_prompt.json "
                                         "when it exists; null = templates only", True),
     "templates": Key((list,), None, "hand-written templates ('{}' = class name); null = the dataset's own", True),
-    # evaluation
-    "search_low": Key((float,), 0.0, "lowest alpha of the search grid"),
-    "search_high": Key((float,), 1.0, "highest alpha of the search grid"),
-    "search_step": Key((int,), 50, "number of intervals of the alpha grid", False, _positive, "> 0"),
-    "alpha": Key((float,), None, "fixed blending weight; null = choose on validation data", True),
+    # evaluation (alpha blends alpha·fine-tuned + (1-alpha)·zero-shot: outside [0, 1] it is no blend)
+    "search_low": Key((float,), 0.0, "lowest alpha of the search grid (in [0, 1])", False, *span(0, 1)),
+    "search_high": Key((float,), 1.0, "highest alpha of the search grid (in [0, 1])", False, *span(0, 1)),
+    "search_step": Key((int,), 50, "number of intervals of the alpha grid", False,
+                       *span(0, 1_000, True, "each grid point scores every val and test image")),
+    "alpha": Key((float,), None, "fixed blending weight in [0, 1]; null = choose on validation data", True,
+                 *span(0, 1)),
     "shift_sets": Key((dict,), {}, "ImageNet only: distribution-shift test sets {name: path} "
                                    "(imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r)"),
     "baselines": Key((list,), ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f"],
@@ -123,23 +211,27 @@ SCHEMA: dict[str, Key] = {
                                       "(leave it out, counted in results.json); training images always fail",
                       choices=("fail", "skip")),
     "save_every": Key((float,), 60.0, "seconds between saved training states for resuming (saved after an "
-                                      "epoch; 0 = after every epoch)", False, _non_negative, ">= 0"),
+                                      "epoch; 0 = after every epoch; 1e9 = only when stopped)", False,
+                      *span(0, 1e12)),
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."),
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)"),
-    "num_workers": Key((int, str), "auto", "image-decoding worker processes: an integer, or 'auto' (the CPUs "
-                                           "this process may use, shared among the processes of a torchrun run, "
-                                           "at most 16; none for fewer than 256 images)", False,
-                       lambda v: v == "auto" or (isinstance(v, int) and v >= 0), ">= 0 or 'auto'"),
+    "num_workers": Key((int, str), "auto", "image-decoding worker processes: an integer up to 64, or 'auto' (the "
+                                           "CPUs this process may use, shared among the processes of a torchrun "
+                                           "run, at most 16; none for fewer than 256 images)", False,
+                       lambda v: v == "auto" or (isinstance(v, int) and 0 <= v <= 64),
+                       ">= 0 and <= 64 (each worker is a process holding a copy of the loader), or 'auto'"),
     "cache_dir": Key((str,), "cache", "folder for the text and trunk-feature caches"),
     "dist_timeout": Key((float,), 1800.0, "torchrun runs: seconds a collective may wait for the other processes "
-                                          "before the run stops (doc/distributed.md)", False, _positive, "> 0"),
+                                          "before the run stops (doc/distributed.md)", False,
+                        *span(0, 604_800, True, "a week")),
     "dist_exact": Key((bool,), False, "torchrun runs: every process runs the region pool on the whole global "
                                       "batch (the trunk's features gathered), so the update is one process's bit "
                                       "for bit, instead of summing the processes' gradients (equal up to float "
                                       "rounding); costs a feature gather per step (doc/distributed.md)"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
-                                     "per image computed once and cycled through the epochs", True, _positive, "> 0"),
+                                     "per image computed once and cycled through the epochs", True,
+                       *span(0, 100, True, "each view is a trunk pass and a stored copy of every image's features")),
     "output_dir": Key((str,), "output", "root of the run folders"),
     "name": Key((str,), None, "tag of the run folder after <backbone>_<shots>shots_seed<seed>: null = the training "
                               "settings given on the command line that differ from the config file "
@@ -218,16 +310,53 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, again: int):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that names a key twice is an error: PyYAML would keep
+    the last value silently, and a config whose `lr` is set twice means two things."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            try:
+                key = self.construct_object(key_node, deep=deep)
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:   # an unhashable key: the base class explains it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str):
+    """YAML text (a config file, a command-line value) with the checks of ``UniqueKeyLoader``."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKey as exc:
+        raise RaftError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RaftError(f"{source} is not valid YAML{where}") from None
+
+
+def check_values(values: dict, source: str) -> None:
+    """Type- and range-check the known keys of a config read back from a file (a checkpoint's,
+    a results file's); keys this version does not know are left alone."""
+    for name, value in values.items():
+        if name in SCHEMA:
+            _coerce(name, value, source)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RaftError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RaftError(f"config file {path} is not valid YAML{where}") from None
+    data = parse_yaml(read_text(path, "config file"), f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -250,8 +379,8 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
     for name, value in overrides.items():
         values[name] = _coerce(name, value, "command line")
     by_shots = values["batch_size_by_shots"]
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and isinstance(v, int)
-               and not isinstance(v, bool) and v > 0 for k, v in by_shots.items()):
+    if not all(isinstance(k, int) and not isinstance(k, bool) and SCHEMA["shots"].check(k) and isinstance(v, int)
+               and not isinstance(v, bool) and SCHEMA["batch_size"].check(v) for k, v in by_shots.items()):
         raise RaftError(f"config key 'batch_size_by_shots' must map shot counts to batch sizes, e.g. {{1: 64}}; "
                         f"got {by_shots!r}")
     if values["shots"] in by_shots and "batch_size" not in overrides:
@@ -259,6 +388,9 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
     for required in ("dataset", "data_path"):
         if not values[required]:
             raise RaftError(f"config key '{required}' is required (set it in the YAML or with --{required})")
+    if values["min_lr"] > values["lr"]:
+        raise RaftError(f"min_lr ({values['min_lr']:g}) is larger than lr ({values['lr']:g}): the cosine schedule "
+                        f"decays from lr to min_lr; set --min_lr lower")
     if values["search_low"] > values["search_high"]:
         raise RaftError(f"empty alpha search range: search_low={values['search_low']} > "
                         f"search_high={values['search_high']}")
@@ -267,7 +399,7 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
                         f"train_epoch ({values['train_epoch']}); set --warmup_epoch lower")
     fractions = values["split_fractions"]
     if (len(fractions) != 3 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0
-                                       for f in fractions)
+                                       and math.isfinite(f) for f in fractions)
             or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0 or fractions[2] == 0):
         raise RaftError(f"config key 'split_fractions' must be [train, val, test] fractions summing to 1 "
                         f"with train and test > 0, got {fractions!r}")
@@ -297,7 +429,7 @@ def check_outside_data(cfg: Config) -> None:
 def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
     """Fixed flags plus ``--<config key> <value>`` for every schema key."""
     keys = "\n".join(f"  --{name} (default {key.default!r}): {key.help}" for name, key in SCHEMA.items())
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Any config key overrides the YAML: --shots 4 --lr 2e-4 --backbone RN101 ...\n\n"
                f"config keys:\n{keys}",
@@ -324,10 +456,7 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
         i += 1
         if name not in SCHEMA:
             raise RaftError(f"unknown config key '{name}' on the command line (did you mean '{closest_key(name)}'?)")
-        try:
-            overrides[name] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            raise RaftError(f"--{name}: cannot read the value {value!r}") from None
+        overrides[name] = parse_yaml(value, f"--{name} {value!r}") if value != "" else ""
     cfg = build_config(flags.config, overrides)
     # what the command line changed relative to the config file (run-folder names, --eval-only)
     flags.file_values = file_values(flags.config)
@@ -338,30 +467,26 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run an entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints as \xNN, never fails
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main(argv)
     except RaftError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:  # the environment: a full disk, permissions, a vanished mount
         if debug:
             raise
         what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {what}{where}; nothing was left half-written", file=sys.stderr)
+        print(f"error: {what}{printable(where)}; nothing was left half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except torch.distributed.DistError as exc:  # another process of a torchrun run died or hung
-        if debug:
-            raise
-        rank = os.environ.get("RANK", "?")
-        print(f"error: process {rank}: a collective with the other torchrun processes failed "
-              f"({str(exc).splitlines()[0][:160]}); run the same command again to resume", file=sys.stderr)
-        return 3
     return code if isinstance(code, int) else 0
 
 
@@ -468,8 +593,9 @@ class background:
 
 
 def sha256_text(*parts: Any) -> str:
-    """Stable hash of JSON-serialisable parts (used as cache keys)."""
-    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()
+    """Stable hash of JSON-serialisable parts (used as cache keys); names that are not valid
+    UTF-8 hash as their bytes."""
+    blob = name_bytes(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str))
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -514,12 +640,20 @@ def remove_temporaries(folder: str | Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """JSON as UTF-8; a name that is not valid UTF-8 is written as \\udcNN escapes, which read
+    back as the same name (``json.loads``)."""
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda fh: json.dump(obj, fh, indent=2, ensure_ascii=False), mode="w")
+    data = json_bytes(obj)
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_yaml(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda fh: yaml.safe_dump(obj, fh, sort_keys=False), mode="w")
+    data = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True).encode("utf-8", "backslashreplace")
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
@@ -531,19 +665,24 @@ def torch_save(path: str | Path, obj: Any) -> None:
 
 
 def torch_load(path: str | Path, what: str = "file") -> Any:
-    """Load tensors/plain containers only (``weights_only=True``): no pickled code runs."""
+    """Load tensors/plain containers only (``weights_only=True``): no pickled code runs. A file
+    that names Python code to run while loading is refused as such, whatever words torch uses."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise RaftError(f"{what} not found: {path}") from None
+        raise RaftError(f"{what} not found: {printable(path)}") from None
+    except IsADirectoryError:
+        raise RaftError(f"{what} {printable(path)} is a folder, not a file") from None
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # the file names Python code to run while loading
-            raise RaftError(f"refusing to load {what} {path}: it needs pickled Python code to load "
+        if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise RaftError(f"refusing to load {what} {printable(path)}: it needs pickled Python code to load "
                             f"(only tensors and plain containers are accepted)") from None
-        raise RaftError(f"cannot read {what} {path}: not a torch file or corrupt") from None
+        raise RaftError(f"cannot read {what} {printable(path)}: not a torch file or corrupt") from None
     except Exception as exc:  # truncated, corrupt, or some other format
         detail = str(exc).splitlines()[0][:160] if str(exc) else ""
-        raise RaftError(f"cannot read {what} {path}: truncated, corrupt or not a torch file "
+        raise RaftError(f"cannot read {what} {printable(path)}: truncated, corrupt or not a torch file "
                         f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
 
 
@@ -567,7 +706,7 @@ def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
     logger.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, mode="a")
+        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8", errors="backslashreplace")
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
@@ -580,6 +719,25 @@ def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
 # collectives below put the pieces together so that the numbers equal a one-process run's.
 # Rank 0 alone writes files. Without torchrun all of it is a no-op (one process, rank 0).
 RENDEZVOUS_TIMEOUT = 60.0  # seconds to reach torchrun's rendezvous before giving up with a clear message
+
+
+class PeerFailure(RaftError):
+    """Another process of the torchrun run died or stopped answering."""
+    exit_code = 3
+
+
+@contextmanager
+def collective():
+    """Around every collective: another process's death or hang (gloo's RuntimeError, NCCL's
+    DistError, a timeout) becomes the documented one line and exit code 3, not a traceback."""
+    try:
+        yield
+    except RaftError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise PeerFailure(f"process {os.environ.get('RANK', '?')}: a collective with the other torchrun processes "
+                          f"failed ({detail}); run the same command again to resume") from None
 
 
 class World:
@@ -610,12 +768,14 @@ class World:
 
     def barrier(self) -> None:
         if self.many:
-            torch.distributed.barrier()
+            with collective():
+                torch.distributed.barrier()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the processes, in place (the gradients, the epoch's tallies)."""
         if self.many:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            with collective():
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
 
     def sum_grads(self, params: list[torch.Tensor]) -> None:
@@ -625,7 +785,8 @@ class World:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        with collective():
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         start = 0
         for p in params:
             p.grad = flat[start:start + p.numel()].view_as(p).clone()
@@ -633,7 +794,8 @@ class World:
 
     def min_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.many:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+            with collective():
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
         return tensor
 
     def any(self, flag: bool) -> bool:
@@ -641,7 +803,8 @@ class World:
         if not self.many:
             return flag
         value = torch.tensor([int(flag)])
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        with collective():
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
         return bool(value.item())
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -651,19 +814,22 @@ class World:
             return tensor
         counts = torch.tensor([tensor.shape[0]], device=tensor.device)
         sizes = [torch.zeros_like(counts) for _ in range(self.size)]
-        torch.distributed.all_gather(sizes, counts)
+        with collective():
+            torch.distributed.all_gather(sizes, counts)
         sizes = [int(s.item()) for s in sizes]
         padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
         parts = [torch.zeros_like(padded) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, padded.contiguous())
+        with collective():
+            torch.distributed.all_gather(parts, padded.contiguous())
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     def gather_objects(self, obj) -> list:
         if not self.many:
             return [obj]
         out = [None] * self.size
-        torch.distributed.all_gather_object(out, obj, group=self.host_group)
+        with collective():
+            torch.distributed.all_gather_object(out, obj, group=self.host_group)
         return out
 
 

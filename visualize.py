@@ -17,7 +17,7 @@ import torch
 
 from datasets.loader import CLIP_MEAN, CLIP_STD
 from inference import attention_maps, class_probabilities, image_files, load_images, load_run, run_arguments
-from utils import atomic_write, run_main
+from utils import atomic_write, bounded, printable, run_main
 
 PANELS = (("class", "class token"), ("background", "background token"), ("clip", "CLIP's pool"))
 
@@ -53,7 +53,8 @@ def render(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path:
 def main(argv: list[str] | None = None):
     parser = run_arguments(__doc__)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
-    parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files")
+    parser.add_argument("--dpi", type=bounded(int, 10, 600), default=100,
+                        help="resolution of the PNG files (10 to 600)")
     args = parser.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.weights)
     out = Path(args.out)
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None):
             name += "_"
         used.add(name)
         target = out / f"{name}.png"
-        render(images[0], maps, f"{path.name}: {run.classnames[top]} ({100 * probs[top]:.1f}%)", target, args.dpi)
-        print(target)
+        render(images[0], maps, f"{printable(path.name)}: {run.classnames[top]} ({100 * probs[top]:.1f}%)", target,
+               args.dpi)
+        print(printable(target))
         written += 1
     return 0 if written else 1
 

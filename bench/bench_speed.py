@@ -52,7 +52,7 @@ from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
 from datasets.loader import eval_transform, make_loader, train_transform  # noqa: E402
 from features import LiveSource, ViewSource, augment, eval_store, live_batches  # noqa: E402
-from utils import autocast, build_config, setup_logging  # noqa: E402
+from utils import ToolParser, autocast, bounded, build_config, run_main, setup_logging  # noqa: E402
 
 
 def sync(device):
@@ -284,23 +284,24 @@ def bench_sweep(args, data_root, work, device):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None):
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="RN50")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=8)
-    parser.add_argument("--eval-per-class", type=int, default=8, help="val and test images per class")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=50, help="epochs of a 'run' in part 4")
-    parser.add_argument("--sweep-epochs", type=int, default=1, help="training epochs per sweep run in part 3")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic JPEGs")
+    parser.add_argument("--classes", type=bounded(int, 2, 1_000), default=4)
+    parser.add_argument("--shots", type=bounded(int, 1, 256), default=8)
+    parser.add_argument("--eval-per-class", type=bounded(int, 1, 1_000), default=8, help="val and test images per class")
+    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32)
+    parser.add_argument("--epochs", type=bounded(int, 1, 1_000), default=50, help="epochs of a 'run' in part 4")
+    parser.add_argument("--sweep-epochs", type=bounded(int, 1, 1_000), default=1,
+                        help="training epochs per sweep run in part 3")
+    parser.add_argument("--workers", type=bounded(int, 0, 64), default=2)
+    parser.add_argument("--reps", type=bounded(int, 1, 100), default=7)
+    parser.add_argument("--image-size", type=bounded(int, 16, 4_096), default=320, help="side of the synthetic JPEGs")
     parser.add_argument("--work", default=None, help="folder for the dataset and caches (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--quick", action="store_true", help="small settings for a first look")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.classes, args.shots, args.eval_per_class, args.epochs, args.reps = 2, 8, 4, 10, 3
     device = torch.device(args.device)
@@ -365,4 +366,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -25,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
 from clip.reference import make_region_pool, never_moved, reference_adamw  # noqa: E402
 from loss import reference_loss  # noqa: E402
+from utils import ToolParser, bounded, run_main  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="RN50")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-5, 1e-6])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--lrs", type=bounded(float, 1e-12, 10), nargs="+", default=[1e-4, 1e-5, 1e-6])
+    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32)
+    parser.add_argument("--classes", type=bounded(int, 1, 100_000), default=100)
+    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
+    args = parser.parse_args(argv)
 
     clip = FrozenCLIP(load_open_clip(args.backbone, None), args.backbone)
     gen = torch.Generator().manual_seed(args.seed)
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

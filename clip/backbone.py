@@ -14,8 +14,6 @@ import logging
 import os
 import urllib.error
 import urllib.request
-import warnings
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
+from clip.torchscript import is_torchscript_archive, read_torchscript_weights
 from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
 
 from utils import RaftError, torch_load
@@ -45,13 +44,6 @@ TINY_INIT_SEED = 0  # random backbones are always built from this seed: they sta
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 log = logging.getLogger("raft")
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any("/code/" in name for name in zf.namelist())
 
 
 def _check_state_fits(model: nn.Module, state: dict, path: Path, backbone: str) -> None:
@@ -178,14 +170,10 @@ def load_open_clip(backbone: str, weights: str | None, quick_gelu: bool = True) 
 
 def load_local(backbone: str, path: Path, quick_gelu: bool) -> nn.Module:
     """A local checkpoint: OpenAI's TorchScript archive, or an open_clip state dict."""
-    if _is_torchscript_archive(path):
-        # OpenAI's own download (~/.cache/clip/RN50.pt) is a TorchScript archive; open_clip
-        # loads checkpoints with weights_only=True, which refuses those. torch.jit.load reads
-        # TorchScript without unpickling arbitrary Python objects.
-        with warnings.catch_warnings():  # torch marks jit.load deprecated; it is how these files load
-            warnings.simplefilter("ignore", FutureWarning)
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        state = {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
+    if is_torchscript_archive(path):
+        # OpenAI's own download (~/.cache/clip/RN50.pt) is a TorchScript archive: its tensors
+        # are read as data (clip/torchscript.py), none of its code runs
+        state = {k: v for k, v in read_torchscript_weights(path).items() if k not in _NON_WEIGHT_KEYS}
     else:
         state = read_state_dict(path)
     model = _create(backbone, quick_gelu)

@@ -2,8 +2,8 @@
 from .base import DatasetSplits, Datum, ShiftSet
 from .coop import LAYOUTS, read_coop_dataset
 from .folder import read_folder_dataset
-from .fewshot import (SAMPLER_VERSION, few_shot, sample_digest, sample_per_class, save_list, saved_sample_differs,
-                      validation_from_train)
+from .fewshot import (SAMPLER_VERSION, few_shot, sample_digest, sample_per_class, save_list, saved_meta,
+                      saved_sample_differs, validation_from_train)
 from .imagenet import SHIFT_LAYOUTS, read_classnames, read_imagenet, read_shift_set
 
 
@@ -25,5 +25,5 @@ def load_dataset(cfg) -> DatasetSplits:
 
 
 __all__ = ["DatasetSplits", "Datum", "ShiftSet", "LAYOUTS", "read_coop_dataset", "few_shot", "sample_per_class",
-           "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_sample_differs",
+           "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_meta", "saved_sample_differs",
            "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet", "read_shift_set", "load_dataset"]

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from utils import RaftError, name_bytes, printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -56,6 +61,19 @@ class DatasetSplits:
         view.parent_labels, view.part = list(labels), part
         return view
 
+    def digest(self, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
+        """SHA-256 of what the dataset is: its class names and the images of ``splits`` (paths
+        relative to the image folder, labels). A run folder reused on other data -- another
+        data_path, an edited split file -- is told apart from one reused by another version.
+        What a trained pool depends on is ``digest(("train",))``."""
+        h = hashlib.sha256(name_bytes(json.dumps(self.classnames, ensure_ascii=False)))
+        base = self.image_root or self.root
+        for split in splits:
+            h.update(name_bytes(f"\x00{split}"))
+            for d in getattr(self, split):
+                h.update(name_bytes(f"\n{os.path.relpath(d.path, base)}\t{d.label}"))
+        return h.hexdigest()
+
     def split_record(self) -> dict | None:
         """What a reader needs to confirm which split a run used: each split file's path and
         SHA-256, and the sizes of the full splits (before the few-shot sample)."""
@@ -78,3 +96,27 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def inside(folder: Path, relative: str, source: str) -> str:
+    """The full path of ``relative``, a path read from a data file (a split file's row, a class
+    list's folder name), which must stay inside ``folder``: relative, and no ``..`` that leaves
+    it. Otherwise the run stops here, before anything is trained, naming the file and the row.
+    Symbolic links inside the dataset folder are followed: they are the folder's own layout
+    (an images folder linked to another disk), not something a file can ask for
+    (doc/robustness.md)."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise RaftError(f"{source}: {printable(repr(relative))} is not a file path")
+    normal = posixpath.normpath(relative.replace("\\", "/"))
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or Path(relative).is_absolute():
+        raise RaftError(f"{source}: the path {printable(repr(relative))} leaves the dataset folder {printable(folder)} "
+                        f"(paths in data files must be relative and stay inside it)")
+    return str(folder / relative)
+
+
+def check_splits_usable(name: str, train: list, test: list, source: str) -> None:
+    """Before anything is trained: a dataset needs training and test images (an empty test list
+    would only fail after training, and again at every rerun)."""
+    for split, items in (("train", train), ("test", test)):
+        if not items:
+            raise RaftError(f"{source}: the {split} split of {name} is empty; a run needs training and test images")

@@ -5,13 +5,12 @@ live, which split file labels them and which hand-written template describes a c
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import RaftError
+from utils import RaftError, printable, read_json, read_text
 
-from .base import DatasetSplits, Datum
+from .base import DatasetSplits, Datum, check_splits_usable, inside
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,8 @@ def _check_root(name: str, root: Path) -> None:
 
 
 def _labels_to_names(rows_by_split: dict[str, list[tuple[str, int, str]]], source: str) -> list[str]:
-    """Class names indexed by label, checking labels are 0..C-1 and names are consistent."""
+    """Class names indexed by label, checking labels are 0..C-1 and names are consistent
+    (work in the number of rows, whatever the labels' values)."""
     names: dict[int, str] = {}
     for rows in rows_by_split.values():
         for _, label, classname in rows:
@@ -62,17 +62,17 @@ def _labels_to_names(rows_by_split: dict[str, list[tuple[str, int, str]]], sourc
                 raise RaftError(f"{source}: label {label} is called both '{names[label]}' and '{classname}'")
     if not names:
         raise RaftError(f"{source} holds no images")
-    if sorted(names) != list(range(len(names))):
-        missing = sorted(set(range(max(names) + 1)) - set(names))[:5]
-        raise RaftError(f"{source}: labels must be 0..C-1 without gaps; missing {missing}")
-    return [names[i] for i in range(len(names))]
+    count = len(names)
+    outside = sorted(label for label in names if not 0 <= label < count)
+    if outside:
+        missing = [i for i in range(count) if i not in names][:5]
+        raise RaftError(f"{source}: labels must be 0..C-1 without gaps; {count} classes, but label {outside[0]} is "
+                        f"outside 0..{count - 1} (missing {missing})")
+    return [names[i] for i in range(count)]
 
 
-def _read_json_split(path: Path) -> dict[str, list[tuple[str, int, str]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RaftError(f"split file {path} is not valid JSON: {exc}") from None
+def _read_json_split(path: Path, image_root: Path) -> dict[str, list[tuple[str, int, str]]]:
+    data = read_json(path, "split file")
     if not isinstance(data, dict) or any(s not in data for s in SPLITS):
         raise RaftError(f"split file {path} must be an object with 'train', 'val' and 'test' lists")
     out = {}
@@ -84,15 +84,17 @@ def _read_json_split(path: Path) -> dict[str, list[tuple[str, int, str]]]:
         for i, row in enumerate(rows):
             if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
                     and isinstance(row[1], int) and not isinstance(row[1], bool) and isinstance(row[2], str)):
-                raise RaftError(f"split file {path}: {split}[{i}] = {row!r} is not [image_path, label, classname]")
+                raise RaftError(f"split file {path}: {split}[{i}] = {printable(repr(row))[:200]} is not "
+                                f"[image_path, label, classname]")
+            inside(image_root, row[0], f"split file {path}: {split}[{i}]")
             checked.append((row[0], row[1], row[2]))
         out[split] = checked
     return out
 
 
-def _read_fgvc_split(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int, str]]]]:
+def _read_fgvc_split(root: Path, image_root: Path) -> tuple[list[str], dict[str, list[tuple[str, int, str]]]]:
     variants_file = root / "variants.txt"
-    classnames = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    classnames = [line.strip() for line in read_text(variants_file, "class list").splitlines() if line.strip()]
     label_of = {name: i for i, name in enumerate(classnames)}
     out = {}
     for split in SPLITS:
@@ -100,12 +102,13 @@ def _read_fgvc_split(root: Path) -> tuple[list[str], dict[str, list[tuple[str, i
         if not path.is_file():
             raise RaftError(f"split file missing: {path}; fgvc expects {expected_layout('fgvc')}")
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(path, "split file").splitlines(), 1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")  # variant names contain spaces
             if variant not in label_of:
                 raise RaftError(f"{path}:{n}: variant '{variant}' is not in variants.txt")
+            inside(image_root, f"{image_id}.jpg", f"{path}:{n}")
             rows.append((f"{image_id}.jpg", label_of[variant], variant))
         out[split] = rows
     return classnames, out
@@ -123,13 +126,14 @@ def read_coop_dataset(name: str, root: str | Path) -> DatasetSplits:
     split_path = root / layout.split_file
     if not split_path.is_file():
         raise RaftError(f"split file missing: {split_path}; {name} expects {expected_layout(name)} under data_path")
+    image_root = root / layout.image_dir
     if layout.reader == "fgvc":
-        classnames, rows = _read_fgvc_split(root)
+        classnames, rows = _read_fgvc_split(root, image_root)
         _labels_to_names(rows, str(root))  # consistency checks only: names come from variants.txt
     else:
-        rows = _read_json_split(split_path)
+        rows = _read_json_split(split_path, image_root)
         classnames = _labels_to_names(rows, str(split_path))
-    image_root = root / layout.image_dir
+    check_splits_usable(name, rows["train"], rows["test"], f"split file {split_path}")
     splits = {s: [Datum(str(image_root / p), label, c) for p, label, c in rows[s]] for s in SPLITS}
     extra = [root / f"images_variant_{s}.txt" for s in SPLITS] if layout.reader == "fgvc" else []
     return DatasetSplits(name, root, classnames, list(layout.templates), **splits, split_file=split_path,

@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-from utils import RaftError, write_json
+from utils import RaftError, name_bytes, write_json
 
 from .base import Datum
 
@@ -73,7 +73,7 @@ def sample_digest(items: list[Datum], image_root: str | Path) -> str:
     """SHA-256 of the sampled paths as the split file writes them (relative to the image
     folder), joined with newlines, in sampling order: names a sample independently of where
     the dataset lives, comparably with the published sampler's lists."""
-    return hashlib.sha256("\n".join(relative_paths(items, image_root)).encode()).hexdigest()
+    return hashlib.sha256(name_bytes("\n".join(relative_paths(items, image_root)))).hexdigest()
 
 
 def save_list(path: str | Path, items: list[Datum], root: str | Path, image_root: str | Path | None = None,
@@ -83,6 +83,15 @@ def save_list(path: str | Path, items: list[Datum], root: str | Path, image_root
     rows = [[rel, d.label, d.classname] for rel, d in zip(relative_paths(items, root), items)]
     write_json(path, {**meta, "root": str(root), "sampler": SAMPLER_VERSION,
                       "sha256": sample_digest(items, image_root or root), "items": rows})
+
+
+def saved_meta(path: Path) -> dict:
+    """The fields of a saved list (fewshot.json) beside its items; {} when there is none."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in meta.items() if k != "items"} if isinstance(meta, dict) else {}
 
 
 def saved_sample_differs(path: Path, items: list[Datum], root: str | Path) -> bool:

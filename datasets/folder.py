@@ -10,18 +10,26 @@ and the split seed.
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
-from utils import RaftError, sha256_text, write_json
+from utils import RaftError, printable, sha256_text, write_json
 
-from .base import DatasetSplits, Datum, list_images
+from .base import DatasetSplits, Datum, check_splits_usable, list_images
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_name(folder_name: str) -> str:
+    """A class folder's name as the class name of prompts, logs and checkpoints: itself, or for
+    a name that is not valid UTF-8 its bytes written as \\xNN (distinct names stay distinct; the
+    folder itself is still read under its real name)."""
+    return printable(folder_name)
 
 
 def _given_splits(root: Path) -> tuple[list[str], dict[str, list[Datum]]]:
@@ -34,7 +42,7 @@ def _given_splits(root: Path) -> tuple[list[str], dict[str, list[Datum]]]:
             for d in _class_dirs(root / split):
                 if d.name not in label_of:
                     raise RaftError(f"{root / split}: class folder '{d.name}' is not in {root / 'train'}")
-                items += [Datum(str(p), label_of[d.name], d.name) for p in list_images(d)]
+                items += [Datum(str(p), label_of[d.name], class_name(d.name)) for p in list_images(d)]
         splits[split] = items
     return classes, splits
 
@@ -54,7 +62,7 @@ def _made_splits(root: Path, fractions: list[float], seed: int) -> tuple[list[st
         n_val = min(round(fractions[1] * n), n - n_train - 1)
         parts = {"train": files[:n_train], "val": files[n_train:n_train + n_val], "test": files[n_train + n_val:]}
         for split, paths in parts.items():
-            splits[split] += [Datum(str(p), label, name) for p in sorted(paths)]
+            splits[split] += [Datum(str(p), label, class_name(name)) for p in sorted(paths)]
     return classes, splits
 
 
@@ -70,10 +78,18 @@ def read_folder_dataset(root: str | Path, fractions: list[float], seed: int, cac
     classes, splits = _given_splits(root) if given else _made_splits(root, fractions, seed)
     if not classes:
         raise RaftError(f"no class folders in {root / 'train' if given else root} (expected <class name>/*.jpg)")
-    empty = [c for i, c in enumerate(classes) if not any(d.label == i for d in splits["train"])]
+    trained = {d.label for d in splits["train"]}
+    empty = [printable(c) for i, c in enumerate(classes) if i not in trained]
     if empty:
-        raise RaftError(f"no training images for class(es) {', '.join(empty[:5])} under {root}")
-    data = DatasetSplits(root.name, root, classes, list(templates or DEFAULT_TEMPLATES), **splits)
+        raise RaftError(f"no training images for class(es) {', '.join(empty[:5])} under {printable(root)}")
+    check_splits_usable(printable(root.name), splits["train"], splits["test"], printable(root))
+    odd = [printable(c) for c in classes if printable(c) != c]
+    if odd:
+        logging.getLogger("raft").warning(
+            f"warning: class folder names that are not UTF-8: {', '.join(odd[:5])}; prompts use them as written "
+            f"here (rename the folders for meaningful prompts)")
+    data = DatasetSplits(root.name, root, [class_name(c) for c in classes], list(templates or DEFAULT_TEMPLATES),
+                         **splits)
     if not given:
         rows = {s: [[str(Path(d.path).relative_to(root)), d.label, d.classname] for d in items]
                 for s, items in splits.items()}

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import RaftError
+from utils import RaftError, printable, read_text
 
-from .base import DatasetSplits, Datum, ShiftSet, list_images
+from .base import DatasetSplits, Datum, ShiftSet, check_splits_usable, list_images
 
 # ImageNet templates used when no description file exists (the 7-template ensemble of
 # CLIP's ImageNet notebook that the Tip-Adapter lineage uses).
@@ -45,19 +45,31 @@ SHIFT_LAYOUTS = {
 
 
 def read_classnames(root: Path) -> tuple[list[str], list[str]]:
+    """``classnames.txt``: '<wnid> <class name>' per line; the wnid and the name are separated by
+    spaces or tabs (ImageNet's own words.txt uses a tab). A wnid names a folder under images/:
+    a plain folder name, never a path."""
     path = root / "classnames.txt"
     if not path.is_file():
         raise RaftError(f"{path} missing; imagenet expects classnames.txt ('<wnid> <name>' per line), "
                         f"images/train/<wnid>/ and images/val/<wnid>/ under data_path (see doc/datasets.md)")
-    wnids, names = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    wnids, names, line_of = [], [], {}
+    for n, line in enumerate(read_text(path, "class list").splitlines(), 1):
         if not line.strip():
             continue
-        wnid, _, name = line.strip().partition(" ")
-        if not name:
-            raise RaftError(f"{path}:{n}: expected '<wnid> <class name>', got {line!r}")
+        parts = line.split(None, 1)
+        if len(parts) < 2 or not parts[1].strip():
+            raise RaftError(f"{path}:{n}: expected '<wnid> <class name>', got {printable(repr(line))[:120]}")
+        wnid, name = parts[0], parts[1].strip()
+        if wnid in (".", "..") or "/" in wnid or "\\" in wnid:
+            raise RaftError(f"{path}:{n}: the wnid {printable(repr(wnid))} is not a folder name "
+                            f"(it would lead out of images/train/)")
+        if wnid in line_of:
+            raise RaftError(f"{path}:{n}: the wnid {wnid} is listed twice (line {line_of[wnid]} too)")
+        line_of[wnid] = n
         wnids.append(wnid)
-        names.append(name.strip())
+        names.append(name)
+    if not wnids:
+        raise RaftError(f"{path} lists no classes")
     return wnids, names
 
 
@@ -81,6 +93,7 @@ def read_imagenet(root: str | Path) -> DatasetSplits:
     wnids, names = read_classnames(root)
     train = _read_folders(root / "images" / "train", wnids, names)
     test = _read_folders(root / "images" / "val", wnids, names)
+    check_splits_usable("imagenet", train, test, str(root / "images"))
     return DatasetSplits("imagenet", root, names, list(IMAGENET_TEMPLATES), train, [], test)
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from utils import resolve_workers
+from utils import printable, resolve_workers
 
 from .base import Datum
 
@@ -37,17 +38,60 @@ def eval_transform(size: int) -> T.Compose:
 
 class UnreadableImage(Exception):
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable(path)}: {reason}")
         self.path, self.reason = path, reason
 
 
+TIFF_BITS_PER_SAMPLE = 258
+
+
+def sample_range(img: Image.Image) -> float | None:
+    """The largest sample value of a high-bit-depth image's encoding (what white is), or None
+    when Pillow's mode says 8 bits. Float images are read as 0..1; integer images by their
+    declared bit depth: 16 for the I;16 modes and for the "I" images of PNG and PGM (Pillow
+    scales a PGM's maxval to 16 bits), a TIFF's BitsPerSample otherwise."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode == "F":
+        return 1.0
+    if img.mode == "I":
+        bits = getattr(img, "tag_v2", {}).get(TIFF_BITS_PER_SAMPLE, 16)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return float(2 ** int(bits) - 1) if int(bits) <= 16 else None
+    return None
+
+
+def to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """Any mode Pillow returns as 8-bit RGB. High-bit-depth greyscale (I;16*, I, F) is scaled
+    from its own range (``sample_range``: a 16-bit value v becomes v/257, so an image saved at
+    16 bits reads as its 8-bit twin); Pillow's own conversion would clip it to nearly white.
+    What has no unambiguous 8-bit reading is refused, naming the mode."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        white = sample_range(img)
+        if white is None:
+            raise UnreadableImage(path, f"mode {img.mode} with 32-bit integer samples has no standard 8-bit scale")
+        values = np.asarray(img).astype(np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= white):
+            raise UnreadableImage(path, f"mode {img.mode} with values {low:g}..{high:g} outside 0..{white:g}: "
+                                        f"no unambiguous 8-bit scale")
+        grey = np.rint(values * (255.0 / white)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:   # a mode Pillow cannot convert (La, ...)
+        raise UnreadableImage(path, f"mode {img.mode} cannot be converted to RGB") from None
+
+
 def read_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image; unreadable files raise ``UnreadableImage`` with a short reason."""
+    """Open and fully decode an image to 8-bit RGB (``to_rgb``); unreadable files raise
+    ``UnreadableImage`` with a short reason."""
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(path, "empty file")
         with Image.open(path) as img:
-            return img.convert("RGB")   # forces the full decode: truncated files fail here
+            img.load()            # forces the full decode: truncated files fail here
+            return to_rgb(img, path)
     except UnreadableImage:
         raise
     except FileNotFoundError:

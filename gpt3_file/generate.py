@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clip.text import load_descriptions  # noqa: E402
-from utils import RaftError, run_main, write_json  # noqa: E402
+from utils import RaftError, ToolParser, bounded, run_main, write_json  # noqa: E402
 
 DEFAULT_QUESTION = "What does a {} look like?"
 INSTRUCTION = ("Answer with {k} different one-sentence descriptions of its visual appearance, one per line, "
@@ -93,6 +93,11 @@ class Asker:
                     model=self.model, temperature=self.temperature,
                     messages=[{"role": "user", "content": prompt}])
                 content = reply.choices[0].message.content
+                if isinstance(content, str) and self.key and self.key in content:
+                    # an endpoint that echoes the request (a proxy, a test server, a hostile one):
+                    # nothing it says is a description, and the key must never reach a file
+                    raise RaftError("the endpoint's answer contains your API key: refused, nothing of it was "
+                                    "written (is --base-url an echo server or a misconfigured proxy?)")
                 sentences = parse_sentences(content) if isinstance(content, str) else []
                 if sentences:
                     return sentences
@@ -130,7 +135,7 @@ def describe(asker: Asker, classname: str, questions: list[str], n: int) -> list
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--classes", nargs="+", help="class names")
     source.add_argument("--classnames", help="a text file with one class name per line")
@@ -140,16 +145,17 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out", help="output file (default gpt3_file/<name>_prompt.json)")
     parser.add_argument("--question", action="append", help=f"question template, repeatable (default: "
                                                             f"'{DEFAULT_QUESTION}')")
-    parser.add_argument("--n", type=int, default=10, help="descriptions per class")
+    parser.add_argument("--n", type=bounded(int, 1, 100), default=10, help="descriptions per class (1 to 100)")
     parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
     parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"),
                         help="any OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI's)")
     parser.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY (prefer the variable: "
                                                         "command lines are visible to other users)")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--max-retries", type=int, default=5)
-    parser.add_argument("--retry-delay", type=float, default=2.0, help="first back-off for malformed answers (s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--temperature", type=bounded(float, 0, 2), default=0.8)
+    parser.add_argument("--max-retries", type=bounded(int, 0, 20), default=5)
+    parser.add_argument("--retry-delay", type=bounded(float, 0, 600), default=2.0,
+                        help="first back-off for malformed answers (s)")
+    parser.add_argument("--timeout", type=bounded(float, 0.1, 3_600), default=60.0, help="seconds per request")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     if args.n < 1:

@@ -3,14 +3,13 @@ validation data only, on the run's own images and cached features."""
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from baselines import BASELINES, BaselineData, run_baselines
 from baselines.linear_probe import fit_logistic
 from baselines.tip_adapter import cache_keys, check_fits, tip_logits
-from conftest import ROOT, args_for, cli, one_line_error, run_dir
+from conftest import ROOT, args_for, cli, one_line_error
 from utils import RaftError
 
 LOG = logging.getLogger("test")

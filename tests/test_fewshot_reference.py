@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, args_for, cli, one_line_error, poison_loss_at, run_dir, shared_fixture
+from conftest import args_for, cli, one_line_error, poison_loss_at, run_dir, shared_fixture
 from datasets import few_shot, read_coop_dataset, sample_digest, save_list
 
 SETTINGS = [(shots, seed) for shots in (1, 2, 4, 8, 16) for seed in (1, 2, 3)]

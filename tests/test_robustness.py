@@ -124,8 +124,10 @@ def test_bad_checkpoints(dtd, tmp_path, capsys):
     other = tmp_path / "other_backbone.pt"
     torch.save(ckpt | {"backbone": "RN101"}, other)
     one_line_error(*evaluate(other)[::2], "trained with backbone RN101", "this run uses tiny-rn")
-    fewer = tmp_path / "other_classes.pt"
-    torch.save(ckpt | {"num_classes": 5}, fewer)
+    fewer = tmp_path / "other_classes.pt"     # a consistent 5-class checkpoint
+    text = ckpt["text"]
+    torch.save(ckpt | {"num_classes": 5, "classnames": ckpt["classnames"] + ["x", "y"],
+                       "text": torch.cat([text[:, :-1], text[:, :2], text[:, -1:]], 1)}, fewer)
     one_line_error(*evaluate(fewer)[::2], "trained for 5 classes", "has 3")
     pickled = tmp_path / "pickled.pt"
     torch.save({"pool": ckpt["pool"], "config": ckpt["config"], "extra": Path("x")}, pickled)
