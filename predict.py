@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None):
         probs = class_probabilities(run, images)
         top_p, top_i = probs.topk(k, dim=-1)
         for path, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
-            predictions.append({"image": printable(path), "top": [
+            predictions.append({"image": str(path), "top": [
                 {"class": run.classnames[i], "label": i, "probability": p} for p, i in zip(ps, idx)]})
     report = {"run": str(run.run_dir), "alpha": run.alpha, "alpha_source": run.alpha_source,
               "predictions": predictions, "errors": errors}
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None):
         print(json_bytes(report).decode())
     else:
         for pred in predictions:
-            print(pred["image"])
+            print(printable(pred["image"]))
             for rank, t in enumerate(pred["top"], 1):
                 print(f"  {rank}. {t['class']:<30s} {100 * t['probability']:6.2f}%")
         if args.json:

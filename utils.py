@@ -58,7 +58,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise RaftError(f"{what} {printable(path)} is not UTF-8 text: line {line} holds the byte "
-                        f"0x{data[exc.start]:02x} (save it as UTF-8)") from None
+                        f"0x{data[exc.start]:02x} (at byte {exc.start}; save it as UTF-8)") from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise RaftError(f"{what} {printable(path)} is a binary file, not text (a NUL byte on line {line})")
@@ -77,6 +77,11 @@ def printable(value: Any) -> str:
     """A path or name as text that any terminal, log or JSON file takes: names that are not
     valid UTF-8 (Python keeps their bytes as lone surrogates) show those bytes as \\xNN escapes."""
     return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def one_line(text: str) -> str:
+    """A message on one line, whatever it quotes (a multi-line value, a library's error)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def name_bytes(text: str) -> bytes:
@@ -127,8 +132,11 @@ def span(low: float | None, high: float | None, strict_low: bool = False,
             return False
         return ((low is None or (v > low if strict_low else v >= low)) and (high is None or v <= high))
 
-    parts = ([f"{'>' if strict_low else '>='} {low:g}"] if low is not None else []) + \
-            ([f"<= {high:g}"] if high is not None else [])
+    def shown(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    parts = ([f"{'>' if strict_low else '>='} {shown(low)}"] if low is not None else []) + \
+            ([f"<= {shown(high)}"] if high is not None else [])
     return check, " and ".join(parts) + (f" ({why})" if why else "")
 
 
@@ -312,7 +320,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 class DuplicateKey(yaml.YAMLError):
     def __init__(self, key, first: int, again: int):
-        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again})" if first != again
+                         else f"key '{key}' is given twice (line {first})")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -322,13 +331,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
             try:
                 key = self.construct_object(key_node, deep=deep)
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], line)
+                seen[key] = line
             except TypeError:   # an unhashable key: the base class explains it
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise DuplicateKey(key, first, key_node.start_mark.line + 1)
         return super().construct_mapping(node, deep)
 
 
@@ -475,7 +485,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except RaftError as exc:
         if debug:
             raise
-        print(f"error: {printable(exc)}", file=sys.stderr)
+        print(f"error: {one_line(printable(exc))}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:  # the environment: a full disk, permissions, a vanished mount
         if debug:

@@ -56,7 +56,10 @@ def validate_checkpoint(ckpt, path: Path) -> dict:
                         f"{fmt}, this version reads up to {CHECKPOINT_FORMAT})")
 
     def bad(field: str, expected: str):
-        raise RaftError(f"{where}: '{field}' is {printable(repr(ckpt[field]))[:60]}, expected {expected}")
+        value = ckpt[field]
+        shown = (f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+                 if isinstance(value, torch.Tensor) else printable(repr(value))[:60])
+        raise RaftError(f"{where}: '{field}' is {shown}, expected {expected}")
 
     if not tensor_dict(ckpt["pool"]) or not ckpt["pool"]:
         bad("pool", "the region pool's state dict (names -> tensors)")

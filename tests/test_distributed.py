@@ -65,14 +65,18 @@ def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
 
 
 
-@pytest.mark.parametrize("backbone, precision", [("tiny-rn", "float32"), ("tiny-vit", "float16_reference")])
-def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsys, backbone, precision):
+@pytest.mark.parametrize("backbone, precision, batch, shares", [("tiny-rn", "float32", "10", [1, 5]),
+                                                                  ("tiny-vit", "float16_reference", "11", [1, 5, 6])])
+def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsys, backbone, precision, batch,
+                                                            shares):
     """dist_exact: every process runs the pool on the gathered global batch, so the weights are
     the 1-process run's exactly (the ResNet's gathered maps lose the trunk's channels-last
     layout on the way; the ViT path allows the published code's float16 numerics). The one
     process uses one thread, as each torchrun process does: CPU kernels split their sums by
-    thread, so the thread count is part of what fixes the rounding."""
-    settings = ("--batch_size", "11", "--train_epoch", "4", "--backbone", backbone, "--pool_precision", precision,
+    thread, so the thread count is part of what fixes the rounding. Shares of every size: 12
+    images in batches of 10 end in a global batch of 2 (a one-image share each, which the
+    trunk would round differently alone); in batches of 11, in one of 1 (shares of 1 and 0)."""
+    settings = ("--batch_size", batch, "--train_epoch", "4", "--backbone", backbone, "--pool_precision", precision,
                 "--baselines", "[]")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -86,7 +90,10 @@ def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsy
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     folder = tmp_path / "out2" / "dtd" / f"{backbone}_4shots_seed1"
-    assert numbers(folder / "results.json")[0] == reference
+    got, results = numbers(folder / "results.json")
+    assert got == reference
+    probe = results["numerics"]["share_rounding"]
+    assert probe["exact"] and probe["share_sizes"] == shares
     a = torch.load(tmp_path / "out" / "dtd" / f"{backbone}_4shots_seed1" / "checkpoint.pt", weights_only=True)["pool"]
     b = torch.load(folder / "checkpoint.pt", weights_only=True)["pool"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -138,6 +145,9 @@ def test_a_killed_process_stops_the_run_and_any_number_of_processes_resumes_it(d
     killed = time.monotonic()
     _, err = proc.communicate(timeout=90)
     assert proc.returncode != 0 and time.monotonic() - killed < 60
+    survivor = [line for line in err.splitlines() if line.startswith("[rank0]") or line.startswith("error:")]
+    assert not any("Traceback" in line for line in survivor), err[-3000:]   # the survivor: one line, no traceback
+    assert "a collective with the other torchrun processes failed" in err
     assert (run_dir(tmp_path) / "resume.pt").is_file() and not (run_dir(tmp_path) / "results.json").exists()
     code, _, err = cli(argv, capsys)          # the same command, now with one process
     assert code == 0, err

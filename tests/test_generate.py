@@ -34,6 +34,10 @@ class FakeEndpoint(BaseHTTPRequestHandler):
             self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []})
         elif action == "empty":
             self._send(200, self._completion("   \n  "))
+        elif action == "echo":          # a server that echoes what it was sent: the headers included
+            self._send(200, self._completion("\n".join(f"{k}: {v}" for k, v in self.headers.items())))
+        elif action == "echo-inline":   # the key inside a sentence that would otherwise pass as a description
+            self._send(200, self._completion(f"A robin whose token is {self.headers['Authorization'][7:]}."))
         else:
             name = prompt.split("What does a ")[1].split(" look like?")[0]
             first = 3 * len(FakeEndpoint.requests)   # fresh wording for every request
@@ -115,3 +119,15 @@ def test_persistent_failures_and_missing_key_are_one_line_errors(endpoint, tmp_p
     code, text = generate_cli(endpoint, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
     assert code == 2 and "no usable answer after 4 attempts" in text and KEY not in text
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("action", ["echo", "echo-inline"])
+def test_an_answer_holding_the_api_key_is_never_written(endpoint, tmp_path, capsys, monkeypatch, action):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "birds_prompt.json"
+    assert generate_cli(endpoint, out, "--classes", "wren", capsys=capsys)[0] == 0    # one class described
+    FakeEndpoint.script = [action]
+    code, text = generate_cli(endpoint, out, "--classes", "wren", "robin", capsys=capsys)
+    assert code == 2 and "answer contains your API key" in text and KEY not in text
+    assert KEY not in out.read_text() and set(json.loads(out.read_text())) == {"wren"}
+    assert not list(tmp_path.glob(".*.tmp"))
