@@ -45,7 +45,10 @@ SPLIT = "split_zhou_DescribableTextures.json"
 @pytest.fixture()
 def dtd(demo_root, tmp_path):
     """A 3-class dataset in dtd's CoOp layout (images/ + split json), built from demo images."""
-    root = tmp_path / "dtd"
+    return build_dtd(demo_root, tmp_path / "dtd")
+
+
+def build_dtd(demo_root, root):
     split = {"train": [], "val": [], "test": []}
     for label, name in enumerate(CLASSES):
         (root / "images" / name).mkdir(parents=True)

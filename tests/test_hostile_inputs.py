@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SPLIT, args_for, cli, one_line_error, poison_loss_at, run_dir
+from conftest import ROOT, SPLIT, args_for, build_dtd, cli, one_line_error, poison_loss_at, run_dir
 
 
 def trained_nothing(tmp_path):
@@ -288,19 +288,8 @@ def test_split_files_that_load_but_cannot_be_used(dtd, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_root):
     """One trained tiny run (dtd layout) the checkpoint and results tests damage copies of."""
-    from conftest import CLASSES
     tmp = tmp_path_factory.mktemp("trained")
-    root = tmp / "dtd"
-    split = {"train": [], "val": [], "test": []}
-    for label, name in enumerate(CLASSES):
-        (root / "images" / name).mkdir(parents=True)
-        sources = sorted((demo_root / "images" / name).glob("*.jpg"))
-        for split_name, count in (("train", 6), ("val", 2), ("test", 3)):
-            for _ in range(count):
-                src = sources.pop()
-                shutil.copy(src, root / "images" / name / src.name)
-                split[split_name].append([f"{name}/{src.name}", label, name.replace("_", " ")])
-    (root / SPLIT).write_text(json.dumps(split))
+    root = build_dtd(demo_root, tmp / "dtd")
     from utils import run_main
     import main
     assert run_main(main.main, args_for(root, tmp, "--baselines", "[]")) == 0
