@@ -1,14 +1,29 @@
 """Evaluation (doc/method.md §7): logits of a split, the alpha search, the reported numbers."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import time
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from clip.backbone import FrozenCLIP
+from datasets import DatasetSplits, Datum
+from datasets.loader import eval_transform
+from features import eval_store, live_batches
 from loss import cosine_logits
-from utils import Config, RaftError, autocast
+from run.config import Config
+from run.distributed import WORLD
+from run.results import source_alpha
+from run.task import in_classes
+from utils import RaftError, autocast
+
+if TYPE_CHECKING:
+    from run.folders import RunPlan
+    from run.model import Model
+    from run.task import ImageSets, Task
 
 
 class SplitLogits(NamedTuple):
@@ -138,3 +153,111 @@ def evaluate_base2new(val: SplitLogits | None, base: SplitLogits, new: SplitLogi
     })
     out["alpha_curve"] |= curves
     return out
+
+
+# --------------------------------------------------------------------------- a run's splits
+class SplitFeatures:
+    """The frozen trunk's outputs for a run's splits: from the cache when enabled (computed once
+    for the whole split, then shared by every protocol, run and baseline), else computed on the
+    fly; only the images of a class view's classes, their labels mapped to the view's."""
+
+    def __init__(self, clip: FrozenCLIP, cfg: Config, data: DatasetSplits, device: torch.device, use_amp: bool):
+        self.clip, self.cfg, self.data, self.device, self.amp = clip, cfg, data, device, use_amp
+        self.skipped: dict[str, list[str]] = {}
+
+    def _rows_of(self, items: list[Datum], split: str, view: DatasetSplits):
+        """(the cached store or None, the store rows of the view's classes or None for all)."""
+        cfg = self.cfg
+        if not cfg.feature_cache:
+            self.skipped[split] = []
+            return None, None
+        store = eval_store(self.clip, items, cfg.cache_dir, f"{self.data.name}_{split}", cfg.eval_batch_size,
+                           cfg.num_workers, self.device, self.amp, skip_bad=cfg.bad_images == "skip")
+        self.skipped[split] = store.skipped
+        keep = view.parent_labels
+        return store, None if keep is None else torch.nonzero(torch.isin(store.labels, torch.tensor(keep))).flatten()
+
+    def batches(self, items: list[Datum], split: str, view: DatasetSplits):
+        """(trunk output, v0, labels) batches of the view's images among ``items`` (under
+        torchrun: this process's share of them)."""
+        store, rows = self._rows_of(items, split, view)
+        if store is not None:
+            rows = torch.arange(len(store)) if rows is None else rows
+            mine = rows[WORLD.shard(len(rows))]
+            return store.batches(self.cfg.eval_batch_size, self.device, order=mine)
+        return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.image_size),
+                            self.cfg.eval_batch_size, self.cfg.num_workers, self.device, self.amp,
+                            self.skipped[split] if self.cfg.bad_images == "skip" else None)
+
+    def relabel(self, labels: torch.Tensor, view: DatasetSplits, split: str) -> torch.Tensor:
+        if not len(labels):
+            raise RaftError(f"no readable {split} images{'' if view.parent_labels is None else f' of the {view.part} classes'}")
+        if view.parent_labels is None:
+            return labels
+        lut = torch.full((self.data.num_classes,), -1, dtype=torch.long)
+        lut[torch.tensor(view.parent_labels)] = torch.arange(len(view.parent_labels))
+        return lut[labels]
+
+    def logits(self, pool: torch.nn.Module, text: torch.Tensor, items: list[Datum], split: str,
+               view: DatasetSplits) -> SplitLogits:
+        """The split's logits; under torchrun each process scores its share of the images, then
+        every process gets all of them (each image scored exactly once)."""
+        logits = collect_logits(pool, text, self.batches(items, split, view), self.device, self.amp, split,
+                                self.cfg.logit_scale)
+        world = WORLD
+        if world.many:
+            total = world.gather_objects((logits.bg_cos * len(logits.labels), len(logits.labels)))
+            logits = SplitLogits(world.gather(logits.cls), world.gather(logits.clip), world.gather(logits.labels),
+                                 sum(c for c, _ in total) / max(1, sum(n for _, n in total)),
+                                 world.gather(logits.v0))
+        return logits._replace(labels=self.relabel(logits.labels, view, split))
+
+    def v0(self, items: list[Datum], split: str, view: DatasetSplits) -> SplitLogits:
+        """CLIP's own features only (``v0``, L2-normalised, and labels): read straight from the
+        cache's small pooled array when there is one."""
+        store, rows = self._rows_of(items, split, view)
+        if store is not None:
+            index = torch.arange(len(store)) if rows is None else rows
+            v0 = torch.from_numpy(np.array(store.pooled, dtype=np.float32))[index]
+            labels = store.labels[index]
+        else:
+            parts = [(v.float().cpu(), y.cpu()) for _, v, y in self.batches(items, split, view)]
+            v0 = torch.cat([v for v, _ in parts]) if parts else torch.zeros(0, self.clip.embed_dim)
+            labels = torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        return SplitLogits(None, None, self.relabel(labels, view, split), 0.0, F.normalize(v0, dim=-1))
+
+
+def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
+                 device: torch.device, use_amp: bool) -> dict:
+    """Logits once per split (trunk features of the whole split from the cache when enabled,
+    shared by every protocol), then alpha from validation data and the scores."""
+    start = time.perf_counter()
+    splits = SplitFeatures(model.clip, cfg, data, device, use_amp)
+    skipped = splits.skipped
+
+    def logits_of(items: list[Datum], split: str, view: DatasetSplits, text: torch.Tensor) -> SplitLogits:
+        return splits.logits(model.pool, text, items, split, view)
+
+    val_items = data.val if images.val_source == "split" else images.val
+    val = logits_of(val_items, "val", task.train, model.text) if images.val else None
+    scored = {name: logits_of(data.test, "test", view, model.target_text[name])
+              for name, view in task.targets.items()}
+    shifts = {}
+    for name, shift in data.shift_sets.items() if "test" in scored else ():
+        logits = logits_of(shift.items, name, data, model.text)
+        if shift.class_subset is not None:  # 200-class variants: restrict to their classes
+            logits = logits.restrict(shift.class_subset, data.num_classes)
+        shifts[name] = logits
+    if plan.transfer_from is not None:
+        alpha, alpha_source = source_alpha(plan, cfg)
+        metrics = evaluate(None, scored["test"], Config(dict(cfg) | {"alpha": alpha}), shifts)
+        metrics["alpha_source"] = alpha_source
+    elif "test" in scored:
+        metrics = evaluate(val, scored["test"], cfg, shifts)
+    else:
+        metrics = evaluate_base2new(val, scored["base"], scored["new"], cfg,
+                                    {name: view.num_classes for name, view in task.targets.items()})
+    sizes = {"train": len(images.train), "val": len(val.labels) if val else 0,
+             "test": sum(len(logits.labels) for logits in scored.values())}
+    return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source,
+            "logits": {"val": val, **scored}, "seconds": time.perf_counter() - start}

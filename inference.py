@@ -17,7 +17,8 @@ from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
 from loss import cosine_logits
 from run.checkpoints import load_pool_state, read_checkpoint, read_results
-from utils import Config, RaftError, ToolParser, build_config, resolve_device
+from run.config import Config, build_config
+from utils import RaftError, ToolParser, resolve_device
 
 
 @dataclass

@@ -10,7 +10,8 @@ import sys
 
 import engine
 from datasets import load_dataset
-from utils import RaftError, check_outside_data, parse_args, run_main
+from run.config import check_outside_data, parse_args
+from utils import RaftError, run_main
 
 
 def main(argv: list[str] | None = None):

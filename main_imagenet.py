@@ -9,7 +9,8 @@ import sys
 
 import engine
 from datasets import load_dataset
-from utils import Config, check_outside_data, parse_args, run_main
+from run.config import Config, check_outside_data, parse_args
+from utils import run_main
 
 
 def main(argv: list[str] | None = None):

@@ -13,20 +13,26 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from clip.reference import reference_adamw
+from datasets import DatasetSplits, sample_digest, save_list
+from features import LiveSource, ViewSource, share_rounding
 from loss import cosine_logits, raft_loss, reference_loss
-from utils import SCHEMA, WORLD, Config, RaftError, autocast, check_values, torch_load, torch_save
+from run.checkpoints import load_pool_state, save_checkpoint
+from run.config import Config, check_values, describe_changes, settings_differ
+from run.distributed import WORLD
+from utils import RaftError, autocast, set_seed, torch_load, torch_save, write_yaml
+
+if TYPE_CHECKING:
+    from run.folders import RunPlan
+    from run.model import Model
+    from run.task import ImageSets, Task
 
 STATE_FORMAT = 1
-# Keys that do not change what training computes: a run may resume under new values.
-NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
-                     "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
-                     "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines", "dist_timeout",
-                     "dist_exact"}
 
 
 class Interrupted(RaftError):
@@ -49,24 +55,6 @@ def adamw(params: list, cfg: Config) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, **kwargs)
-
-
-def training_settings(cfg: Config | dict) -> dict:
-    return {k: v for k, v in dict(cfg).items() if k not in NOT_TRAINING_KEYS}
-
-
-def settings_differ(saved: dict, cfg: Config) -> dict:
-    """{key: (saved, now)} for the training settings that changed. A key the saved config lacks
-    (written before the key existed) counts as its default, which is what that version did."""
-    now = training_settings(cfg)
-    before = training_settings({name: key.default for name, key in SCHEMA.items()} | dict(saved))
-    return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
-
-
-def describe_changes(changed: dict, most: int = 4) -> str:
-    """'lr: 0.0001 -> 0.0002, lambda2: 0.5 -> 1.0' (the first few)."""
-    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:most])
-    return shown + (f" and {len(changed) - most} more" if len(changed) > most else "")
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict, log) -> None:
@@ -298,3 +286,46 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                 last_save = time.monotonic()
     pool.eval()
     return {"history": progress["history"], "steps": progress["step"], "seconds": progress["seconds"]}
+
+
+def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
+                  device: torch.device, use_amp: bool) -> float | None:
+    """Train the region pool (resuming a saved state), or load the checkpoint's; the training seconds."""
+    log = plan.log
+    if not plan.trains:
+        load_pool_state(model.pool, plan.ckpt, plan.ckpt_path)
+        log.info(f"loaded region pool from {plan.ckpt_path}")
+        return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
+    world = WORLD
+    if world.main:
+        write_yaml(plan.run_dir / "config.yaml", dict(cfg))
+        save_list(plan.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
+                  shots=cfg.shots, seed=cfg.seed, train_data_sha256=data.digest(("train",)))
+        if images.val_source not in (None, "split"):
+            save_list(plan.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
+    if world.many and cfg.dist_exact and not cfg.train_views:   # cached views are computed in whole batches
+        whole = [cfg.batch_size] + ([len(images.train) % cfg.batch_size] if len(images.train) % cfg.batch_size else [])
+        plan.share_rounding = share_rounding(model.clip, whole, world.size, device, use_amp)
+        if not plan.share_rounding["exact"]:
+            log.warning(f"warning: dist_exact: on this machine the trunk rounds an image differently inside a "
+                        f"process's share (sizes {plan.share_rounding['share_sizes']}) than inside the whole batch "
+                        f"(max difference {plan.share_rounding['max_difference']:.1e}); the pool's updates stay one "
+                        f"process's, its inputs differ in the last bits (doc/distributed.md)")
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp, num_workers=cfg.num_workers)
+    if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
+        source = ViewSource(model.clip, images.train, cfg.train_views, cache_dir=cfg.cache_dir,
+                            name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
+    else:                # decodes every training image up front: a bad one stops the run here
+        source = LiveSource(model.clip, images.train, **common)
+    prepare_seconds = time.perf_counter() - start
+    stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
+    train_seconds = prepare_seconds + stats["seconds"]
+    if world.main:
+        save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
+                        sample_digest(images.train, data.image_root or data.root), data.digest(("train",)))
+        plan.state_path.unlink(missing_ok=True)
+    world.barrier()
+    log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
+    return train_seconds

@@ -16,15 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
+from baselines.measure import baselines_only  # noqa: E402
 from datasets import load_dataset  # noqa: E402
-from utils import check_outside_data, parse_args, run_main  # noqa: E402
+from run.config import check_outside_data, parse_args  # noqa: E402
+from utils import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None):
     cfg, flags = parse_args(argv, "Run the baselines of a RAFT setting (doc/baselines.md), without training RAFT.")
     check_outside_data(cfg)
-    engine.baselines_only(cfg, flags, load_dataset(cfg))
+    baselines_only(cfg, flags, load_dataset(cfg))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
 from datasets.loader import eval_transform, make_loader, train_transform  # noqa: E402
 from features import LiveSource, ViewSource, augment, eval_store, live_batches  # noqa: E402
-from utils import ToolParser, autocast, bounded, build_config, run_main, setup_logging  # noqa: E402
+from run.config import build_config  # noqa: E402
+from utils import ToolParser, autocast, bounded, run_main, setup_logging  # noqa: E402
 
 
 def sync(device):

@@ -27,7 +27,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
 from clip.torchscript import is_torchscript_archive, read_torchscript_weights
 from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
-
 from utils import RaftError, torch_load
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"

@@ -1,9 +1,9 @@
 """Dataset readers (CoOp layout), the few-shot sampler, transforms and loaders."""
 from .base import DatasetSplits, Datum, ShiftSet
 from .coop import LAYOUTS, read_coop_dataset
-from .folder import read_folder_dataset
 from .fewshot import (SAMPLER_VERSION, few_shot, sample_digest, sample_per_class, save_list, saved_meta,
                       saved_sample_differs, validation_from_train)
+from .folder import read_folder_dataset
 from .imagenet import SHIFT_LAYOUTS, read_classnames, read_imagenet, read_shift_set
 
 

@@ -54,7 +54,7 @@ def class_names(args) -> tuple[str, list[str]]:
     if args.classnames:
         lines = [ln.strip() for ln in Path(args.classnames).read_text().splitlines() if ln.strip()]
         return args.name, lines
-    from utils import build_config
+    from run.config import build_config
     cfg = build_config(args.config, {"data_path": args.data_path} if args.data_path else {})
     if cfg.dataset == "imagenet":
         from datasets.imagenet import read_classnames

@@ -6,6 +6,7 @@ wrong values is one line naming the file, never a traceback three modules later.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 
 from clip.backbone import FrozenCLIP, batchnorm_statistics
 from datasets.base import DatasetSplits
-from utils import Config, RaftError, check_values, printable, read_json, torch_load, torch_save
+from run.config import Config, check_values
+from utils import RaftError, printable, read_json, torch_load, torch_save
 
 # 1: the pool, its config, class names and text classifier;
 # 2: + the dataset it was trained on and its few-shot sample's SHA-256;
@@ -124,6 +126,31 @@ def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
     except RuntimeError as exc:
         raise RaftError(f"checkpoint {printable(path)} does not fit this region pool: "
                         f"{str(exc).splitlines()[0]}") from None
+
+
+# Settings that shape what a trained pool computes, or which images it was trained on:
+# evaluation of a checkpoint takes them from the checkpoint, not from the command line.
+# val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
+TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
+                 "descriptions", "templates", "logit_scale", "val_per_class", "protocol")
+
+
+# ... of which these describe the source dataset's classes, not the pool: a transfer uses the target's.
+SOURCE_ONLY_KEYS = ("descriptions", "templates", "protocol")
+
+
+def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfer: bool, log) -> Config:
+    """The settings that define the checkpoint's model: its training settings always (not its
+    class text, for a transfer), its backbone and weights unless the command line gives them."""
+    trained, given = ckpt["config"], getattr(flags, "overrides", {})
+    keys = [*(k for k in ("backbone", "weights") if k not in given),
+            *(k for k in TRAINING_KEYS if not (transfer and k in SOURCE_ONLY_KEYS))]
+    changed = {k: trained[k] for k in keys if k in trained and trained[k] != cfg[k]}
+    if "num_classes" not in given and cfg.num_classes is not None:
+        changed["num_classes"] = None  # the classes are checked by name against the checkpoint's (or a transfer's own)
+    if changed:
+        log.info(f"evaluating with the checkpoint's settings: {changed}")
+    return Config(dict(cfg) | changed)
 
 
 # --------------------------------------------------------------------------- results.json

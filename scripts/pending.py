@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import run_dir_of, run_tag  # noqa: E402
-from utils import Config, file_values, parse_args, run_main  # noqa: E402
+from run.config import Config, file_values, parse_args  # noqa: E402
+from run.folders import run_dir_of, run_tag  # noqa: E402
+from utils import run_main  # noqa: E402
 
 
 def dataset_name(cfg: Config) -> str:

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from utils import SCHEMA, RaftError, build_config, parse_args
+from utils import RaftError
+from run.config import SCHEMA, build_config, parse_args
 
 # doc/method.md §8: dataset -> (classes, batch, lambda2)
 REFERENCE = {

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import utils
+import run.distributed as distributed
 from conftest import ROOT, args_for, cli, run_dir
 from utils import RaftError
 
@@ -32,7 +32,7 @@ def numbers(path):
 def test_shards_cover_every_item_once():
     for n in (0, 1, 2, 5, 9, 128, 1001):
         for size in (1, 2, 3, 8):
-            parts = [utils.World(rank, size).shard(n) for rank in range(size)]
+            parts = [distributed.World(rank, size).shard(n) for rank in range(size)]
             covered = [i for part in parts for i in range(n)[part]]
             assert covered == list(range(n)), (n, size)
             assert max(len(range(n)[p]) for p in parts) - min(len(range(n)[p]) for p in parts) <= 1
@@ -164,7 +164,7 @@ def test_an_unreachable_rendezvous_fails_in_bounded_time():
     closed.close()
     start = time.monotonic()
     with pytest.raises(RaftError, match=f"cannot reach the torchrun rendezvous at 127.0.0.1:{port} within 2s"):
-        utils.wait_for_rendezvous("127.0.0.1", port, timeout=2)
+        distributed.wait_for_rendezvous("127.0.0.1", port, timeout=2)
     assert time.monotonic() - start < 10
 
 
@@ -174,28 +174,28 @@ def test_device_and_process_checks(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RaftError, match="device 'cuda' requested but CUDA is not available"):
-        utils.start_processes("cuda", 60)
+        distributed.start_processes("cuda", 60)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(RaftError, match="torchrun started 4 processes on this machine but it has 2 GPU"):
-        utils.start_processes("auto", 60)
+        distributed.start_processes("auto", 60)
     with pytest.raises(RaftError, match="each process uses the GPU of its local rank"):
-        utils.start_processes("cuda:1", 60)
-    assert not utils.WORLD.many
+        distributed.start_processes("cuda:1", 60)
+    assert not distributed.WORLD.many
 
 
 def test_a_global_batch_smaller_than_the_processes_and_float16_reference_are_refused(dtd, tmp_path, capsys,
                                                                                       monkeypatch):
     import engine
     import training
-    monkeypatch.setattr(engine, "start_processes", lambda device, timeout: utils.World(0, 4))
+    monkeypatch.setattr(engine, "start_processes", lambda device, timeout: distributed.World(0, 4))
     code, _, err = cli(args_for(dtd, tmp_path, "--batch_size", "3"), capsys)
     assert code == 2 and "batch_size 3 is smaller than the 4 torchrun processes" in err
-    monkeypatch.setattr(utils.WORLD, "size", 2)   # the process-wide World, changed in place as torchrun would
+    monkeypatch.setattr(distributed.WORLD, "size", 2)   # the process-wide World, changed in place as torchrun would
     with pytest.raises(RaftError, match="float16_reference trains as the published code does, in one process"):
-        from utils import build_config
+        from run.config import build_config
         training.train_pool(torch.nn.Linear(1, 1), torch.zeros(1, 2), None,
                             build_config(None, {"dataset": "d", "data_path": "x",
                                                 "pool_precision": "float16_reference"}),

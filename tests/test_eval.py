@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from evaluation import SplitLogits, accuracy_curve, alpha_grid, choose_alpha, evaluate
-from utils import build_config
+from run.config import build_config
 
 
 def cfg(**kw):

@@ -1,4 +1,4 @@
-"""Trunk-feature caches and training sources (features.py)."""
+"""Trunk-feature caches and training sources (features/)."""
 import json
 import os
 
@@ -190,7 +190,7 @@ def test_training_reads_nothing_back_from_the_device_inside_an_epoch(tiny_clip, 
     epoch (and at saves), not per step."""
     import logging
     from training import train_pool
-    from utils import build_config
+    from run.config import build_config
     source = LiveSource(tiny_clip, demo.train, batch_size=4, seed=1, device=CPU, amp=False, num_workers=0)
     text = torch.nn.functional.normalize(torch.randn(tiny_clip.embed_dim, 5), dim=0)
     cfg = build_config(None, {"dataset": "demo", "data_path": "x", "train_epoch": 3, "warmup_epoch": 1,

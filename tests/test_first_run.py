@@ -184,12 +184,11 @@ def test_a_checkpoint_with_other_settings_names_them(dtd, tmp_path, capsys):
 
 
 def test_reference_imagenet_batch_at_one_shot_keeps_the_plain_folder_name():
-    from engine import run_name
-    from utils import parse_args
+    from run.config import Config, parse_args
+    from run.folders import run_name, run_tag
     cfg, flags = parse_args(["--config", str(ROOT / "configs/imagenet.yaml"), "--shots", "1"], "t")
     assert cfg.batch_size == 64
-    import engine
-    named = engine.Config(dict(cfg) | {"name": engine.run_tag(cfg, flags)})
+    named = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
     assert run_name(named) == "RN50_1shots_seed1"
     cfg, _ = parse_args(["--config", str(ROOT / "configs/imagenet.yaml"), "--shots", "1", "--batch_size", "32"], "t")
     assert cfg.batch_size == 32                                          # the command line wins

@@ -181,7 +181,7 @@ def test_config_files_that_are_not_utf8_text(tmp_path, capsys, content, fragment
 
 def test_a_bom_and_crlf_are_read_as_the_text_they_hold(dtd, tmp_path):
     from datasets import read_coop_dataset, read_imagenet
-    from utils import build_config
+    from run.config import build_config
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(b"\xef\xbb\xbfdataset: dtd\r\ndata_path: x\r\nlr: 2.0e-4\r\n")
     assert build_config(cfg, {}).lr == 2e-4

@@ -59,11 +59,12 @@ def args(dataset, root, tmp_path, *extra):
 
 @pytest.mark.parametrize("dataset,fixture,base,new", [("oxford_pets", "pets", 19, 18), ("dtd", "dtd47", 24, 23)])
 def test_class_split_relabelling_and_test_partition(dataset, fixture, base, new, request):
-    import engine
-    from utils import build_config
+    from run.config import build_config
+    from run.folders import RunPlan
+    from run.task import make_task
     data = read_coop_dataset(dataset, request.getfixturevalue(fixture))
     cfg = build_config(None, {"dataset": dataset, "data_path": "x", "protocol": "base2new"})
-    task = engine.make_task(cfg, data, engine.RunPlan(cfg, __import__("logging").getLogger("t"), *[None] * 3))
+    task = make_task(cfg, data, RunPlan(cfg, __import__("logging").getLogger("t"), *[None] * 3))
     b, n = task.targets["base"], task.targets["new"]
     assert (b.num_classes, n.num_classes) == (base, new) and task.train is b
     assert b.classnames == data.classnames[:base] and n.classnames == data.classnames[base:]

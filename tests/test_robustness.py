@@ -174,7 +174,7 @@ def test_disk_full_while_caching_features(dtd, tmp_path, capsys, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(features.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(features.store.os, "posix_fallocate", no_space)
     code, _, err = cli(args_for(dtd, tmp_path), capsys)
     one_line_error(code, err, "no space left on device")
     assert not (run_dir(tmp_path) / "results.json").exists()

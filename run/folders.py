@@ -1,0 +1,170 @@
+"""A run's folder: its name and tag, and what is already in it when the run starts.
+
+``output/<dataset>/<backbone>_<shots>shots_seed<seed>[_views<V>][_<protocol>][_<tag>]/`` holds
+one run: its config, few-shot list, log, resume state, checkpoint and results. ``plan_run``
+decides where a run reads and writes and what it starts from -- finished (and finished with
+these settings, on this data), trained but not evaluated, resumable, or new.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import DatasetSplits
+from run.checkpoints import adopt_checkpoint, check_backbone, read_checkpoint, read_results, source_dataset
+from run.config import (NOT_TRAINING_KEYS, SCHEMA, Config, check_outside_data, describe_changes, load_yaml,
+                        settings_differ)
+from run.distributed import WORLD
+from utils import RaftError, printable, remove_temporaries, setup_logging
+
+# Already spelled out in the folder name, so never part of its tag.
+NAMED_KEYS = {"backbone", "shots", "seed", "train_views", "name", "protocol"}
+
+
+MAX_TAG = 64  # longer tags keep their first settings and a hash of all of them
+
+
+def short_value(value) -> str:
+    """A setting as it appears in a folder name: 0.0002, true, a file's name, none."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, dict)):
+        return "list" + hashlib.sha256(repr(value).encode()).hexdigest()[:6]
+    return Path(str(value)).name.replace(" ", "-") or "empty"
+
+
+def run_tag(cfg: Config, flags: argparse.Namespace) -> str:
+    """The tag after <backbone>_<shots>shots_seed<seed>: an explicit --name, or else the config
+    file's own `name` followed by the training settings that the command line changed."""
+    overrides = getattr(flags, "overrides", {})
+    if "name" in overrides:
+        return cfg.name or ""
+    file_values = getattr(flags, "file_values", {})
+    changed = [f"{k}={short_value(overrides[k])}" for k in SCHEMA  # schema order: same name for any argument order
+               if k in overrides and k not in NAMED_KEYS and k not in NOT_TRAINING_KEYS
+               and overrides[k] != file_values.get(k)]
+    if len("_".join(changed)) > MAX_TAG:  # readable head, and a hash of all of them for uniqueness
+        digest = hashlib.sha256("_".join(changed).encode()).hexdigest()[:6]
+        head = []
+        while changed and len("_".join(head + changed[:1])) <= MAX_TAG - 20:
+            head.append(changed.pop(0))
+        changed = head + [f"and{len(changed)}more-{digest}"]
+    return "_".join(([cfg.name] if cfg.name else []) + changed)
+
+
+def run_name(cfg: Config) -> str:
+    views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
+    protocol = "" if cfg.protocol == "fewshot" else f"_{cfg.protocol}"
+    tag = f"_{cfg.name}" if cfg.name else ""
+    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{tag}"
+
+
+def run_dir_of(cfg: Config, dataset: str) -> Path:
+    return Path(cfg.output_dir) / dataset / run_name(cfg)
+
+
+@dataclass
+class RunPlan:
+    """Where a run reads and writes, and what it starts from."""
+    cfg: Config
+    log: logging.Logger
+    run_dir: Path
+    results_path: Path
+    ckpt_path: Path
+    state_path: Path | None = None   # where training saves its resumable state (None: no training)
+    ckpt: dict | None = None         # a trained pool to evaluate instead of training one
+    transfer_from: str | None = None  # evaluating a pool trained on this other dataset
+    share_rounding: dict | None = None  # dist_exact: whether the processes' trunk shares round as one batch
+
+    @property
+    def trains(self) -> bool:
+        return self.ckpt is None
+
+
+def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> RunPlan | None:
+    """Decide the run folder and what it starts from; None when the run has already finished."""
+    cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+    check_outside_data(cfg)
+    if flags.eval_only:  # results go next to the checkpoint, under its training settings
+        ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg, data.name) / "checkpoint.pt"
+        ckpt = read_checkpoint(ckpt_path)
+        source = source_dataset(ckpt)
+        same = source == data.name if source is not None else ckpt.get("classnames") == data.classnames
+        if source is None and not same:
+            raise RaftError(f"checkpoint {ckpt_path} records no dataset it was trained on (written by an older "
+                            f"version): it can only be evaluated on its own classes; train it again to transfer it")
+        run_dir = ckpt_path.parent
+        log = setup_logging(run_dir / "log.txt")
+        cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
+        check_backbone(ckpt, ckpt_path, cfg)
+        if same:  # its classes are checked against the task's (make_task)
+            return RunPlan(cfg, log, run_dir, run_dir / "results_eval.json", ckpt_path, ckpt=ckpt)
+        log.info(f"cross-dataset transfer: a pool trained on {source}, evaluated on {data.name}")
+        return RunPlan(cfg, log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
+                       transfer_from=source)
+    run_dir = run_dir_of(cfg, data.name)
+    plan = RunPlan(cfg, None, run_dir, run_dir / "results.json", run_dir / "checkpoint.pt", run_dir / "resume.pt")
+    if plan.results_path.is_file() and not flags.force and finished_here(plan, cfg, data):
+        print(f"{printable(plan.results_path)} exists: run already finished (use --force to run it again; "
+              f"--eval-only evaluates it again under other evaluation settings)")
+        return None
+    plan.log = setup_logging(run_dir / "log.txt")
+    world = WORLD
+    if world.main:
+        remove_temporaries(run_dir)  # left by a process killed while writing
+        if flags.force:
+            plan.state_path.unlink(missing_ok=True)
+            plan.ckpt_path.unlink(missing_ok=True)
+    world.barrier()  # every process sees the folder as rank 0 left it
+    if not flags.force and plan.ckpt_path.is_file():  # trained, but stopped before its results were written
+        ckpt = read_checkpoint(plan.ckpt_path)
+        check_backbone(ckpt, plan.ckpt_path, cfg)
+        changed = settings_differ(ckpt["config"], cfg)
+        if changed:
+            raise RaftError(f"{plan.ckpt_path} was trained with other settings ({describe_changes(changed)}); "
+                            f"use --force to train again")
+        plan.ckpt = ckpt
+        plan.log.info(f"training already finished ({plan.ckpt_path}): evaluating")
+    return plan
+
+
+def finished_here(plan: RunPlan, cfg: Config, data: DatasetSplits) -> bool:
+    """Whether the run folder's results.json answers for this run: made with these training
+    settings (the ones written in config files too, not only the folder name's) on this data.
+    A damaged results file is not an answer: the run is evaluated or trained again. Results of
+    other settings or other data are refused, never reported as this run's."""
+    try:
+        results = read_results(plan.results_path)
+    except RaftError as exc:
+        print(f"warning: {exc}: evaluating the run again", file=sys.stderr)
+        return False
+    saved = results.get("config")
+    if saved is None and (plan.run_dir / "config.yaml").is_file():   # results of versions that did not record it
+        saved = load_yaml(plan.run_dir / "config.yaml")
+    changed = settings_differ(saved, cfg) if saved is not None else {}
+    if changed:
+        raise RaftError(f"{plan.run_dir} holds a finished run with other settings ({describe_changes(changed)}): "
+                        f"give this one its own folder with --name TAG, or --force to replace it")
+    check_same_data(results.get("data_sha256"), data, plan.run_dir)
+    return True
+
+
+def check_same_data(stored: str | None, data: DatasetSplits, where: Path,
+                    splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """A run folder made on other data (another data_path, an edited split file, other class
+    folders) is named as such, not mistaken for an older version's. ``splits``: what the
+    record covers (a trained pool: the class names and the training list)."""
+    now = data.digest(splits)
+    if stored and stored != now:
+        listed = "training images" if splits == ("train",) else "images its splits list"
+        raise RaftError(f"{where} was made on other data than {data.name} at {printable(data.root)} holds now (its "
+                        f"class names or the {listed} differ; SHA-256 {stored[:12]}… then, {now[:12]}… now): point "
+                        f"--data_path at that data, or use --force to start over on this one")

@@ -1,0 +1,80 @@
+"""A run's results file (``results.json``): written once evaluation is done, read back by
+sweeps, transfers, predict and visualize (``run.checkpoints.read_results``).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from datasets import DatasetSplits
+from run.checkpoints import read_results
+from run.config import Config
+from run.distributed import WORLD
+from utils import RaftError, write_json
+
+if TYPE_CHECKING:
+    from run.folders import RunPlan
+
+def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
+    """A transfer is scored at the alpha its source run chose on its own validation data
+    (or at a fixed --alpha): nothing about the target's labels chooses anything."""
+    if cfg.alpha is not None:
+        return cfg.alpha, "config"
+    source_results = plan.ckpt_path.parent / "results.json"
+    if not source_results.is_file():
+        raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
+                        f"(finish that run first, or pass a fixed --alpha)")
+    return float(read_results(source_results)["alpha"]), f"source run ({source_results})"
+
+
+def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, numerics: dict,
+                  baselines: dict | None, train_seconds: float | None, device: torch.device) -> dict:
+    metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
+    results = {
+        "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+        "data_sha256": data.digest(),
+        "seed": cfg.seed, "num_classes": data.num_classes, "name": cfg.name or None,
+        "sizes": evaluation["sizes"],
+        "val_source": evaluation["val_source"],
+        **({"split_file": str(data.split_file)} if data.split_file else {}),
+        **({"split": data.split_record()} if data.split_record() else {}),
+        "protocol": "cross_dataset" if plan.transfer_from is not None else cfg.protocol,
+        **({"source": {"dataset": plan.transfer_from, "checkpoint": str(plan.ckpt_path)}}
+           if plan.transfer_from is not None else {}),
+        "skipped_images": {split: len(files) for split, files in skipped.items()},
+        **metrics,
+        **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
+        "numerics": numerics,
+        "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
+        "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
+        "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": dict(cfg),
+    }
+    if any(skipped.values()):
+        results["skipped_files"] = {split: files for split, files in skipped.items() if files}
+    results["alpha_curve"] = results.pop("alpha_curve")  # the long lists last, for readability
+    if not WORLD.main:  # one writer; every process holds the same numbers
+        return results
+    write_json(plan.results_path, results)
+    log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
+             f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
+             f"[oracle {results['oracle']['test_acc']:.2f}% at alpha={results['oracle']['alpha']:.2f}]  "
+             f"cos(v_cls, v_bg) {results['cls_bg_cosine']:.4f}")
+    for name, r in (results.get("shift", {}) | results.get("base2new", {})).items():
+        if isinstance(r, dict):
+            log.info(f"{name}: RAFT {r['test_acc']:.2f}%  zero-shot {r['zero_shot_acc']:.2f}%")
+    if any(skipped.values()):
+        log.warning(f"skipped unreadable images: { {k: len(v) for k, v in skipped.items() if v} }")
+    log.info(f"results: {plan.results_path}")
+    results["run_dir"] = str(plan.run_dir)
+    what = (f"{plan.transfer_from} -> {data.name}" if plan.transfer_from is not None else data.name)
+    scores = (f"zero-shot {results['zero_shot_acc']:.2f}% -> RAFT {results['test_acc']:.2f}%"
+              if "base2new" not in results else
+              "base {0:.2f}% new {1:.2f}% HM {2:.2f}% (zero-shot HM {3:.2f}%)".format(
+                  results["base2new"]["base"]["test_acc"], results["base2new"]["new"]["test_acc"],
+                  results["test_acc"], results["zero_shot_acc"]))
+    print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}{' base-to-new' if 'base2new' in results else ''}: "
+          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}); results in {plan.results_path}")
+    return results
