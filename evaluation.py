@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip.backbone import FrozenCLIP
+from clip.reference import Float16Reference
 from datasets import DatasetSplits, Datum
 from datasets.loader import eval_transform
 from features import eval_store, live_batches
-from loss import cosine_logits
+from loss import cosine_logits, reference_logits
 from run.config import Config
 from run.distributed import WORLD
 from run.results import source_alpha
@@ -45,7 +46,8 @@ class SplitLogits(NamedTuple):
 def collect_logits(pool: torch.nn.Module, text: torch.Tensor, batches, device: torch.device, amp: bool,
                    desc: str, scale: float = 100.0) -> SplitLogits:
     """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split, from
-    ``(feature map, v0, labels)`` batches."""
+    ``(feature map, v0, labels)`` batches. A float16 reference pool is evaluated as the
+    published code evaluates: float16 logits (so the alpha blend and its argmax run in float16)."""
     pool.eval()
     num_classes = text.shape[1] - 1
     cls_all, clip_all, labels_all, v0_all = [], [], [], []
@@ -53,8 +55,12 @@ def collect_logits(pool: torch.nn.Module, text: torch.Tensor, batches, device: t
     for fmap, v0, labels in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         with autocast(device, amp):
             v_cls, v_bg = pool(fmap)
-        cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
-        clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
+        if v_cls.dtype == torch.float16 and isinstance(pool, Float16Reference):
+            cls_all.append(reference_logits(v_cls, text[:, :num_classes], scale).cpu())
+            clip_all.append(reference_logits(v0.half(), text[:, :num_classes], scale).cpu())
+        else:
+            cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
+            clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
         v0_all.append(F.normalize(v0.float(), dim=-1).cpu())
         cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum()
         labels_all.append(labels.cpu())

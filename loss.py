@@ -10,6 +10,12 @@ def cosine_logits(features: torch.Tensor, text: torch.Tensor, scale: float = 100
     return scale * F.normalize(features.float(), dim=-1) @ text.float()
 
 
+def reference_logits(features: torch.Tensor, text: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """The same logits as the published code computes them (``pool_precision: float16_reference``):
+    in the features' precision (float16), divided by their norm, then ``scale · f @ T``."""
+    return scale * (features / features.norm(dim=-1, keepdim=True)) @ text.to(features.dtype)
+
+
 def raft_loss(v_cls: torch.Tensor, v_bg: torch.Tensor, v0: torch.Tensor, text: torch.Tensor,
               labels: torch.Tensor, *, tau1: float, tau2: float, lambda1: float, lambda2: float,
               scale: float = 100.0, total: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -45,6 +51,8 @@ def reference_loss(v_cls: torch.Tensor, v_bg: torch.Tensor, v0: torch.Tensor, te
     float16_reference``): in the inputs' precision (float16), features divided by their norms,
     ``100 · f @ T``, torch's L1, cross-entropy and cosine-embedding losses, summed as it sums them."""
     num_classes = text.shape[1] - 1
+    # normalised once and used by both the logits and the cosine term, as published: in float16
+    # the two gradient paths meeting at one tensor round differently than at two
     v0, v_cls, v_bg = (v / v.norm(dim=-1, keepdim=True) for v in (v0, v_cls, v_bg))
     clip_logits = scale * v0 @ text[:, :num_classes]
     cls_logits = scale * v_cls @ text[:, :num_classes]

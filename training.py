@@ -8,19 +8,19 @@ would have. A kill (SIGKILL) loses at most the work since the last save.
 """
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from clip.reference import reference_adamw
 from datasets import DatasetSplits, sample_digest, save_list
-from features import LiveSource, ViewSource, share_rounding
+from features import LiveSource, ReferenceSource, ViewSource, share_rounding
 from loss import cosine_logits, raft_loss, reference_loss
 from run.checkpoints import load_pool_state, save_checkpoint
 from run.config import Config, check_values, describe_changes, settings_differ
@@ -32,20 +32,31 @@ if TYPE_CHECKING:
     from run.model import Model
     from run.task import ImageSets, Task
 
-STATE_FORMAT = 1
+# 1: before the published learning-rate sequence (refused: its run would continue on another one);
+# 2: lr_schedule
+STATE_FORMAT = 2
 
 
 class Interrupted(RaftError):
     exit_code = 130
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
-    """Learning rate of iteration ``step`` (0-based): linear warm-up from 0 over ``warmup_steps``,
-    then cosine decay from ``base_lr`` that reaches ``min_lr`` at ``step == total_steps``."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> np.ndarray:
+    """The learning rate of every optimizer step (0-based), entry for entry the published
+    trainer's: it sets lr 0 before the first step and, after each step, the next entry of
+    ``[linspace(0, lr, W) (both ends), cosine from lr towards min_lr over the other T - W]``,
+    so step 0 runs at 0, step t > 0 at that list's entry t - 1 (two steps at 0, a slope of
+    lr / (W - 1), the cosine one step late). Computed in float64 with numpy, as published.
+    Without warm-up (a setting the published code never uses): a plain cosine from the full
+    lr at step 0."""
+    def cosine(n: int) -> np.ndarray:
+        i = np.arange(n)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + np.cos(np.pi * i / len(i)))
+
+    if warmup_steps == 0:
+        return cosine(total_steps)
+    published = np.concatenate((np.linspace(0, base_lr, warmup_steps), cosine(total_steps - warmup_steps)))
+    return np.concatenate(([0.0], published))[:total_steps]
 
 
 def adamw(params: list, cfg: Config) -> torch.optim.Optimizer:
@@ -151,6 +162,9 @@ def load_state(path: Path, cfg: Config) -> dict | None:
     state = torch_load(path, "resume state")
     fields = {"config": dict, "pool": dict, "optimizer": dict, "scaler": dict, "source": dict,
               "torch_rng": torch.Tensor, "progress": dict}
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise RaftError(f"{path} was saved by a version whose learning rates ran one step ahead of the published "
+                        f"code's (doc/method.md §6): rerun with --force to train on the published sequence")
     if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
             or not all(isinstance(state.get(k), kind) for k, kind in fields.items())):
         raise RaftError(f"{path} is not a resume state of this version; delete it or use --force")
@@ -188,6 +202,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
         text = text.half()
     per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
+    rates = lr_schedule(total, warmup, cfg.lr, cfg.min_lr)
     progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [],
                 "sums": {"loss": 0.0, "cls": 0.0, "bg": 0.0, "l1": 0.0, "sep": 0.0}, "correct": 0, "seen": 0}
     state = load_state(state_path, cfg) if state_path is not None else None
@@ -224,10 +239,11 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                        initial=progress["position"], desc=f"epoch {epoch}/{cfg.train_epoch}", leave=False,
                        dynamic_ncols=True, disable=None if world.main else True)
             shown = time.monotonic()
+            began = progress["position"]
             for fmap, v0, labels in bar:
                 if exact:   # the shards, in rank order, are the global batch: one process's tensors exactly
                     fmap, v0, labels = source.whole_batch(fmap, v0, labels)
-                lr = lr_at(progress["step"], total, warmup, cfg.lr, cfg.min_lr)
+                lr = float(rates[progress["step"]])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(device, use_amp):
@@ -257,6 +273,9 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                     shown = time.monotonic()
                 if world.any(stop.requested is not None) and progress["position"] < per_epoch:
                     break   # every process stops at the same step
+            if progress["position"] == began and progress["position"] < per_epoch and stop.requested is None:
+                raise RuntimeError(f"the training source yielded no batch at epoch {epoch}, position "
+                                   f"{progress['position']} of {per_epoch}")   # a bug, never a user's input
             if progress["position"] >= per_epoch:  # the epoch is complete
                 tally.check_finite(per_epoch, state_path)
                 tally.into(progress)
@@ -264,7 +283,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                 seen = max(1, progress["seen"])
                 row = {k: v / seen for k, v in sums.items()} | {
                     "epoch": epoch, "train_acc": 100.0 * progress["correct"] / seen,
-                    "lr": lr_at(progress["step"] - 1, total, warmup, cfg.lr, cfg.min_lr)}
+                    "lr": float(rates[progress["step"] - 1])}   # the last step's: what it ran at
                 progress["history"].append(row)
                 log.info(f"epoch {epoch:3d}/{cfg.train_epoch}  loss {row['loss']:.4f} (cls {row['cls']:.3f} "
                          f"bg {row['bg']:.3f} l1 {row['l1']:.3f} sep {row['sep']:.3f})  "
@@ -318,7 +337,7 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
         source = ViewSource(model.clip, images.train, cfg.train_views, cache_dir=cfg.cache_dir,
                             name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
     else:                # decodes every training image up front: a bad one stops the run here
-        source = LiveSource(model.clip, images.train, **common)
+        source = (ReferenceSource if cfg.augment == "reference" else LiveSource)(model.clip, images.train, **common)
     prepare_seconds = time.perf_counter() - start
     stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]

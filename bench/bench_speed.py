@@ -6,7 +6,7 @@
     python bench/bench_speed.py --quick                # smaller, for a first look
 
 Cost does not depend on weight values, so the backbone is randomly initialised. Everything
-runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). Four parts:
+runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). Five parts:
 
 1. region pool forward+backward: the folded two-token pool vs the straightforward pool
    (ResNet: multi-head attention over all HW+2 tokens, as the reference computes it; ViT:
@@ -20,7 +20,10 @@ runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). 
    outside the trunk), and a step's time over the trunk's own forward on the same batch;
 3. a 3-run sweep (seeds 1, 2, 3) with and without the cached val/test features;
 4. `train_views: 10` vs faithful mode, per epoch and per run (--epochs epochs), plus
-   a repeated evaluation on a cached test set vs recomputing it.
+   a repeated evaluation on a cached test set vs recomputing it;
+5. `augment: reference` (the published augmentation: every image read again every epoch, one
+   PIL resampling from full resolution) vs the default batched one: epoch time, and how far
+   the two lie apart in pixels for the same crop boxes.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import platform
 import statistics
 import sys
@@ -38,7 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -50,8 +56,10 @@ from clip.region_pool import all_token_forward  # noqa: E402
 from clip.vit_pool import vit_all_token_forward  # noqa: E402
 from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
-from datasets.loader import eval_transform, make_loader, train_transform  # noqa: E402
-from features import LiveSource, ViewSource, augment, eval_store, live_batches  # noqa: E402
+from datasets.loader import eval_transform, make_loader, read_rgb, train_transform  # noqa: E402
+from features import (LiveSource, ReferenceSource, ViewSource, augment, crop_params, eval_store,  # noqa: E402
+                      live_batches)
+from features.decode import DECODE_MARGIN, DecodedImage  # noqa: E402
 from run.config import build_config  # noqa: E402
 from utils import ToolParser, autocast, bounded, run_main, setup_logging  # noqa: E402
 
@@ -100,7 +108,7 @@ class AllTokenPool(nn.Module):
         return self.forward_all(self.pool, features)
 
 
-class ReferenceSource:
+class StraightforwardSource:
     """Per-step decoding + PIL augmentation through a DataLoader, and the plain trunk with
     CLIP's own pooling over all tokens (ResNet: unfused NCHW stages and the attention pool;
     ViT: the blocks, then the last block on all 1+N tokens)."""
@@ -175,7 +183,7 @@ def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=
     out = {}
     pool = clip.region_pool().to(device)
     decode_s, live = timed(lambda: LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers), device)
-    ref = ReferenceSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers, clip)
+    ref = StraightforwardSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers, clip)
     ref_pool = AllTokenPool(clip.region_pool().to(device), clip.family)
     live_watch = Stopwatch(clip.encode_image, device)
     ref_watch = Stopwatch(ref.trunk, device)
@@ -203,6 +211,50 @@ def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=
     out["epoch_ratio"] = out["straightforward"]["epoch_seconds"] / out["faithful"]["epoch_seconds"]
     out["step_over_trunk"] = step_over_trunk(clip, live, pool, text, cfg, device, amp)
     return out, live
+
+
+def bench_augment(clip, text, items, cfg, device, amp, workers, reps=3):
+    """``augment: reference`` (each image read again every epoch, one PIL resampling from full
+    resolution, as published) vs the default batched augmentation: epochs of each (medians,
+    alternating, after a warm-up each), and how far their pixels lie apart for the same crops."""
+    pool = clip.region_pool().to(device)
+    sources = {"batched": LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers),
+               "reference": ReferenceSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers)}
+    for source in sources.values():
+        train_epochs(pool, text, source, cfg, device)
+    times = {name: [] for name in sources}
+    for _ in range(reps):
+        for name, source in sources.items():
+            times[name].append(train_epochs(pool, text, source, cfg, device))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    return {"epoch_seconds": seconds, "ratio": seconds["reference"] / seconds["batched"],
+            "pixels": augment_pixel_difference(items, clip.image_size)}
+
+
+def augment_pixel_difference(items, size: int, crops_per_image: int = 4) -> dict:
+    """The same crop boxes (drawn on the full-resolution image) made both ways, in grey levels
+    0..255: PIL from full resolution (reference) vs the kept reduced image resized by torch
+    (batched: the box scaled to the reduced image)."""
+    gen = torch.Generator().manual_seed(0)
+    side = math.ceil(size / DECODE_MARGIN)
+    diffs = []
+    for d in items:
+        full = read_rgb(d.path)
+        w, h = full.size
+        reduced = DecodedImage([d], side)[0]
+        scale = reduced.shape[0] / h
+        reduced = torch.from_numpy(reduced).permute(2, 0, 1).float()
+        for _ in range(crops_per_image):
+            top, left, ch, cw = crop_params(h, w, gen)
+            ref = TF.pil_to_tensor(TF.resized_crop(full, top, left, ch, cw, [size, size],
+                                                   interpolation=TF.InterpolationMode.BICUBIC)).float()
+            t, l, hh, ww = (round(v * scale) for v in (top, left, ch, cw))
+            ours = torch.nn.functional.interpolate(reduced[None, :, t:t + hh, l:l + ww], size=(size, size),
+                                                   mode="bicubic", align_corners=False, antialias=True)[0]
+            diffs.append((ours.clamp(0, 255) - ref).abs().flatten())
+    every = torch.cat(diffs).numpy()
+    return {"mean": float(every.mean()), "p99": float(np.percentile(every, 99)), "max": float(every.max()),
+            "crops": len(diffs), "reduced_side": side}
 
 
 def device_idle_share(run, device, trunk_share: float) -> float:
@@ -358,6 +410,11 @@ def main(argv: list[str] | None = None):
           f"vs faithful {v['faithful_run_seconds']:.1f}s ({v['run_ratio_vs_faithful']:.1f}x) vs straightforward "
           f"{v['straightforward_run_seconds']:.1f}s ({v['run_ratio_vs_straightforward']:.1f}x)")
     print("    (faithful and straightforward runs = decode + epochs × the measured epoch of part 2)")
+    results["augment"] = a = bench_augment(clip, text, items, cfg, device, amp, args.workers)
+    print(f"[5] augment: reference (PIL from full resolution, every epoch) {a['epoch_seconds']['reference']:.2f}s vs "
+          f"batched {a['epoch_seconds']['batched']:.2f}s per epoch -> {a['ratio']:.2f}x; same crops differ by "
+          f"{a['pixels']['mean']:.2f} grey levels on average (99th percentile {a['pixels']['p99']:.1f}, max "
+          f"{a['pixels']['max']:.0f}; {a['pixels']['crops']} crops)")
     results["eval"] = ev = bench_eval(clip, text, data.test, device, amp, args.workers, work / "eval_cache", args.batch)
     print(f"    repeated evaluation of {ev['images']} test images: recompute {ev['recompute_seconds']:.2f}s vs "
           f"cached {ev['cached_seconds']:.3f}s -> {ev['ratio']:.0f}x")

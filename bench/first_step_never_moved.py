@@ -54,12 +54,24 @@ def main(argv: list[str] | None = None) -> None:
         loss, _ = reference_loss(v_cls, v_bg, v0, text.half(), labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
         params = [p for p in pool.parameters() if p.requires_grad]
         loss.backward()
-        reference_adamw(params, lr=lr, eps=1e-4, weight_decay=0.01).step()
+        optimizer = reference_adamw(params, lr=lr, eps=1e-4, weight_decay=0.01)
+        optimizer.step()
         shares = never_moved(start, pool.state_dict())
         sizes = {k: v.numel() for k, v in start.items()}
         overall = sum(shares[k] * sizes[k] for k in shares) / sum(sizes.values())
         detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items())
         print(f"  lr {lr:g}: {100 * overall:.1f}% overall ({detail})")
+        # float16's second moment: (1 - beta2)·g² underflows to 0 for |g| below about 6e-3, and such
+        # an entry then moves by lr·g/eps (eps 1e-4), not by at most about lr
+        grads = torch.cat([p.grad.flatten().float() for p in params])
+        squares = torch.cat([optimizer.state[p]["exp_avg_sq"].flatten() for p in params])
+        live = grads != 0
+        underflow = (squares == 0) & live
+        moved = torch.cat([(p.detach().float() - start_p.float()).flatten().abs()
+                           for p, start_p in zip(params, (start[k] for k in pool.state_dict()))])
+        print(f"    second moment underflowed to 0 for {100 * underflow.float().sum() / live.float().sum():.1f}% of the "
+              f"entries with a gradient (largest such |g| {grads[underflow].abs().max().item() if underflow.any() else 0:.1e}); "
+              f"largest move {moved.max().item() / lr:.1f}x lr")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The code published with the paper converts its copy of the attention pool to float16 and
 trains the float16 weights directly: AdamW (eps 1e-4) updates applied to half-precision
 parameters and half-precision moment estimates, no loss scaling, no float32 master copy; the
-pool computes multi-head attention over all tokens with ``F.multi_head_attention_forward``,
-and the loss is computed on float16 logits. In half precision a weight of magnitude 0.02
+pool computes multi-head attention over all tokens with ``F.multi_head_attention_forward``
+in its operation order (``published_pool_forward``: in float16 the order is part of the
+result), the loss is computed on float16 logits, and evaluation blends float16 logits. In half precision a weight of magnitude 0.02
 moves only in steps of about 1.5e-5, so small updates round to nothing
 (``never_moved`` measures how much). This module reproduces that path; doc/method.md
 ("Numerics") gives what it changes.
@@ -18,12 +19,38 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from clip.region_pool import all_token_forward
+from clip.region_pool import RegionAttentionPool
 from clip.vit_pool import FrozenTail, ViTRegionPool, vit_all_token_forward
 
 PRECISIONS = ("float32", "float16_reference")
+
+
+def published_pool_forward(pool: RegionAttentionPool, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ResNet region pool in the published code's operation order, which float16 rounding
+    makes part of the result: the map (as a convolution leaves it, ``B×E×H×W`` contiguous)
+    viewed as ``HW×B×E`` through a permutation (a strided view), the mean token reduced on
+    that view, the ``(HW+2)×B×E`` sequence concatenated (contiguous) with the positional
+    embedding added, then multi-head attention over all tokens, queries for every token."""
+    b, e = fmap.shape[:2]
+    x = fmap.contiguous().reshape(b, e, -1).permute(2, 0, 1)
+    mean = x.mean(dim=0, keepdim=True)
+    x = torch.cat([mean, mean, x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    mask = None
+    if pool.mask_bg_in_cls:   # this project's variant; the published code has no mask
+        mask = torch.zeros(x.shape[0], x.shape[0], dtype=torch.bool, device=x.device)
+        mask[0, 1] = True
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=e, num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=pool.training,
+        need_weights=False, attn_mask=mask)
+    return out[0], out[1]
 
 
 class Float16Reference(nn.Module):
@@ -44,7 +71,7 @@ class Float16Reference(nn.Module):
         features = features.half()
         if isinstance(self.pool, ViTRegionPool):
             return vit_all_token_forward(self.pool, features, self.tail)
-        return all_token_forward(self.pool, features)
+        return published_pool_forward(self.pool, features)
 
     def attention(self, features: torch.Tensor):
         """The summary tokens' attention weights (visualize.py), computed as the pool does."""

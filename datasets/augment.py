@@ -21,14 +21,16 @@ CLIP's normalisation, as torchvision computes them:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
-from utils import autocast
+from utils import RaftError, autocast
 
-from .loader import CLIP_MEAN, CLIP_STD
+from .loader import CLIP_MEAN, CLIP_STD, UnreadableImage, read_rgb
 
 CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of doc/method.md §6
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -141,6 +143,47 @@ def prepare_batch(images: list[torch.Tensor], size: int, gen: torch.Generator, d
     for i, crop in enumerate(crops):
         packed[i, :, :crop.shape[1], :crop.shape[2]] = crop
     return PreparedBatch(packed, sizes.pin_memory() if pin else sizes, flips.pin_memory() if pin else flips, size)
+
+
+@dataclass
+class ReadyBatch:
+    """A batch the host finished (``augment: reference``): ``B×3×S×S`` normalised pixels."""
+    pixels: torch.Tensor
+
+    def finish(self, device: torch.device, amp: bool = False) -> torch.Tensor:
+        return self.pixels.to(device, non_blocking=True)
+
+
+def reference_crop(path: str, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
+    """The published transform on one image, given its crop: the file decoded at full
+    resolution, cropped and resized by PIL (bicubic, as torchvision's RandomResizedCrop on a PIL
+    image), flipped, converted to 0..1 and normalised with CLIP's statistics."""
+    try:
+        img = read_rgb(path)
+    except UnreadableImage as exc:   # read again every epoch: the file may have changed since the start
+        raise RaftError(f"unreadable training image {exc}") from None
+    top, left, h, w = box
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BICUBIC)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+
+
+def reference_batch(paths: list[str], sizes: list[tuple[int, int]], size: int, gen: torch.Generator,
+                    keep: slice = slice(None), threads: int = 1, pin: bool = False) -> ReadyBatch:
+    """``augment: reference``: draw flips and crops as ``prepare_batch`` does (the flips, then each
+    image's crop, on its full-resolution ``(height, width)``), then make this process's crops
+    with ``reference_crop``, in ``threads`` threads (PIL's decoding and resampling release the GIL)."""
+    flips = torch.rand(len(paths), generator=gen) < 0.5
+    boxes = [crop_params(h, w, gen) for h, w in sizes]
+    work = list(zip(paths, boxes, flips.tolist()))[keep]
+    if threads > 1 and len(work) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(work))) as pool:
+            crops = list(pool.map(lambda job: reference_crop(job[0], job[1], job[2], size), work))
+    else:
+        crops = [reference_crop(p, b, f, size) for p, b, f in work]
+    pixels = torch.stack(crops) if crops else torch.zeros(0, 3, size, size)
+    return ReadyBatch(pixels.pin_memory() if pin else pixels)
 
 
 def augment(images: list[torch.Tensor], size: int, gen: torch.Generator, device: torch.device,

@@ -18,6 +18,11 @@ class Datum:
     path: str        # full path of the image file
     label: int       # 0-based class index
     classname: str
+    key: str = ""    # the path as the split file writes it, where the folder layout differs from it
+
+    def listed_as(self, image_root: str | Path) -> str:
+        """The image's path as its split file lists it (what sample digests hash)."""
+        return self.key or os.path.relpath(self.path, image_root)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class DatasetSplits:
     split_file: Path | None = None  # the file(s) that define the split, for the record
     extra_split_files: list[Path] = field(default_factory=list)  # FGVC: one text file per split
     image_root: Path | None = None  # the folder the split file's paths are relative to (default: root)
+    layout: str | None = None       # which folder layout was recognised (CoOp's, or another one people have)
     parent_labels: list[int] | None = None  # a class subset's original labels (base-to-new), else None
     part: str | None = None                 # that subset's name: 'base' or 'new'
 
@@ -53,11 +59,12 @@ class DatasetSplits:
         remap = {old: new for new, old in enumerate(labels)}
 
         def keep(items: list[Datum]) -> list[Datum]:
-            return [Datum(d.path, remap[d.label], d.classname) for d in items if d.label in remap]
+            return [Datum(d.path, remap[d.label], d.classname, d.key) for d in items if d.label in remap]
 
         view = DatasetSplits(self.name, self.root, [self.classnames[i] for i in labels], self.templates,
                              keep(self.train), keep(self.val), keep(self.test), split_file=self.split_file,
-                             extra_split_files=self.extra_split_files, image_root=self.image_root)
+                             extra_split_files=self.extra_split_files, image_root=self.image_root,
+                             layout=self.layout)
         view.parent_labels, view.part = list(labels), part
         return view
 
@@ -71,7 +78,7 @@ class DatasetSplits:
         for split in splits:
             h.update(name_bytes(f"\x00{split}"))
             for d in getattr(self, split):
-                h.update(name_bytes(f"\n{os.path.relpath(d.path, base)}\t{d.label}"))
+                h.update(name_bytes(f"\n{d.listed_as(base)}\t{d.label}"))
         return h.hexdigest()
 
     def split_record(self) -> dict | None:

@@ -5,6 +5,7 @@ live, which split file labels them and which hand-written template describes a c
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +15,36 @@ from .base import DatasetSplits, Datum, check_splits_usable, inside
 
 
 @dataclass(frozen=True)
+class Variant:
+    """Another folder layout people have for a dataset, accepted as it is when unambiguous."""
+    name: str                      # where it comes from (for the log and check_data)
+    image_dir: str                 # its image folder under the root
+    nested: bool = False           # each split path's first folder is repeated (cars_train/cars_train/x.jpg)
+
+    def path(self, listed: str) -> str:
+        """Where a split file's path lies in this layout, relative to ``image_dir``."""
+        if not self.nested or "/" not in listed:
+            return listed
+        first, rest = listed.split("/", 1)
+        return f"{first}/{first}/{rest}"
+
+
+@dataclass(frozen=True)
 class Layout:
     image_dir: str                 # image folder under the root ("" = the root itself)
     split_file: str                # split_zhou_*.json, or FGVC's variants.txt
     templates: tuple[str, ...]     # used when no description file covers a class
     reader: str = "json"           # "json" (CoOp split file) or "fgvc" (FGVC's text files)
+    variants: tuple[Variant, ...] = ()   # other layouts people have (doc/datasets.md)
 
 
 LAYOUTS: dict[str, Layout] = {
     "caltech101": Layout("101_ObjectCategories", "split_zhou_Caltech101.json", ("a photo of a {}.",)),
     "oxford_pets": Layout("images", "split_zhou_OxfordPets.json", ("a photo of a {}, a type of pet.",)),
-    "stanford_cars": Layout("", "split_zhou_StanfordCars.json", ("a photo of a {}.",)),
-    "oxford_flowers": Layout("jpg", "split_zhou_OxfordFlowers.json", ("a photo of a {}, a type of flower.",)),
+    "stanford_cars": Layout("", "split_zhou_StanfordCars.json", ("a photo of a {}.",),
+                            variants=(Variant("Kaggle's copy", "", nested=True),)),
+    "oxford_flowers": Layout("jpg", "split_zhou_OxfordFlowers.json", ("a photo of a {}, a type of flower.",),
+                             variants=(Variant("the published RAFT code's", "data/jpg"),)),
     "food101": Layout("images", "split_zhou_Food101.json", ("a photo of {}, a type of food.",)),
     "fgvc": Layout("images", "variants.txt", ("a photo of a {}, a type of aircraft.",), reader="fgvc"),
     "sun397": Layout("SUN397", "split_zhou_SUN397.json", ("a photo of a {}.",)),
@@ -36,6 +55,7 @@ LAYOUTS: dict[str, Layout] = {
     "demo": Layout("images", "split_zhou_Demo.json", ("a photo of a {}.",)),
 }
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("raft")
 
 
 def expected_layout(name: str) -> str:
@@ -44,6 +64,24 @@ def expected_layout(name: str) -> str:
     if layout.reader == "fgvc":
         return f"{images}, variants.txt, images_variant_{{train,val,test}}.txt"
     return f"{images}, {layout.split_file}"
+
+
+PROBE_ROWS = 8   # split rows looked up per layout to tell the layouts apart
+
+
+def recognise_layout(name: str, root: Path, listed: list[str]) -> Variant:
+    """The layout the dataset folder has: CoOp's, or one of ``Layout.variants`` when its files
+    are the ones present. Two layouts that both hold the split's images are refused, naming
+    the folders that decide."""
+    layout = LAYOUTS[name]
+    candidates = (Variant("CoOp's", layout.image_dir), *layout.variants)
+    probe = listed[:PROBE_ROWS]
+    found = [v for v in candidates if any((root / v.image_dir / v.path(p)).is_file() for p in probe)]
+    if len(found) > 1:
+        places = " and ".join(f"{v.name} ({root / v.image_dir / v.path(probe[0])})" for v in found)
+        raise RaftError(f"{name} at {printable(root)} holds its images in two layouts, {places}: keep one (move or "
+                        f"remove the other) so that each split row names one file")
+    return found[0] if found else candidates[0]
 
 
 def _check_root(name: str, root: Path) -> None:
@@ -134,7 +172,12 @@ def read_coop_dataset(name: str, root: str | Path) -> DatasetSplits:
         rows = _read_json_split(split_path, image_root)
         classnames = _labels_to_names(rows, str(split_path))
     check_splits_usable(name, rows["train"], rows["test"], f"split file {split_path}")
-    splits = {s: [Datum(str(image_root / p), label, c) for p, label, c in rows[s]] for s in SPLITS}
+    variant = recognise_layout(name, root, [p for s in SPLITS for p, _, _ in rows[s]])
+    if variant.image_dir != layout.image_dir or variant.nested:
+        log.info(f"{name}: {variant.name} layout ({root / variant.image_dir})")
+    image_root = root / variant.image_dir
+    splits = {s: [Datum(str(image_root / variant.path(p)), label, c, p if variant.nested else "")
+                  for p, label, c in rows[s]] for s in SPLITS}
     extra = [root / f"images_variant_{s}.txt" for s in SPLITS] if layout.reader == "fgvc" else []
     return DatasetSplits(name, root, classnames, list(layout.templates), **splits, split_file=split_path,
-                         extra_split_files=extra, image_root=image_root)
+                         extra_split_files=extra, image_root=image_root, layout=variant.name)

@@ -73,7 +73,7 @@ def sample_digest(items: list[Datum], image_root: str | Path) -> str:
     """SHA-256 of the sampled paths as the split file writes them (relative to the image
     folder), joined with newlines, in sampling order: names a sample independently of where
     the dataset lives, comparably with the published sampler's lists."""
-    return hashlib.sha256(name_bytes("\n".join(relative_paths(items, image_root)))).hexdigest()
+    return hashlib.sha256(name_bytes("\n".join(d.listed_as(image_root) for d in items))).hexdigest()
 
 
 def save_list(path: str | Path, items: list[Datum], root: str | Path, image_root: str | Path | None = None,

@@ -28,8 +28,8 @@ class DecodedImage(Dataset):
     one open file descriptor each for as long as the image lives: 16-shot ImageNet would
     need 16,000 descriptors and a /dev/shm as large as the images.)"""
 
-    def __init__(self, items: list[Datum], side: int):
-        self.items, self.side = items, side
+    def __init__(self, items: list[Datum], side: int | None):
+        self.items, self.side = items, side   # side None: return only the (width, height) after the decode
 
     def __len__(self):
         return len(self.items)
@@ -40,6 +40,8 @@ class DecodedImage(Dataset):
         except UnreadableImage as exc:
             return str(exc)
         w, h = img.size
+        if self.side is None:
+            return w, h
         if min(w, h) > self.side:
             scale = self.side / min(w, h)
             img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
@@ -57,7 +59,16 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int | str,
     """Decode every training image once, up front: an unreadable one stops the run before
     training starts, naming the file(s). ``margin``: the smallest crop side over the shorter
     side that the augmentation draws (no crop is then upsampled from the reduced image)."""
-    side = math.ceil(image_size / margin)
+    decoded = decode_all(items, math.ceil(image_size / margin), num_workers)
+    return [torch.from_numpy(img).permute(2, 0, 1) for img in decoded]
+
+
+def image_sizes(items: list[Datum], num_workers: int | str) -> list[tuple[int, int]]:
+    """Every training image's (width, height), each decoded once to be sure it can be read."""
+    return decode_all(items, None, num_workers)
+
+
+def decode_all(items: list[Datum], side: int | None, num_workers: int | str) -> list:
     workers = resolve_workers(num_workers, len(items))
     loader = DataLoader(DecodedImage(items, side), batch_size=16, num_workers=workers, collate_fn=as_list)
     decoded = [img for batch in tqdm(loader, desc="decode", leave=False, disable=None) for img in batch]
@@ -65,4 +76,4 @@ def decode_images(items: list[Datum], image_size: int, num_workers: int | str,
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise RaftError(f"unreadable training image {bad[0]}{more}")
-    return [torch.from_numpy(img).permute(2, 0, 1) for img in decoded]
+    return decoded

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from datasets.augment import prepare_batch
+from datasets.augment import prepare_batch, reference_batch
 from datasets.base import Datum
 from run.distributed import WORLD, World
-from utils import autocast, background
+from utils import autocast, background, resolve_workers
 
 from .caches import view_store
-from .decode import decode_images
+from .decode import decode_images, image_sizes
 
 
 def encode_share(clip, images: torch.Tensor, whole: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +64,16 @@ class LiveSource:
     def __init__(self, clip, items: list[Datum], batch_size: int, seed: int, device: torch.device, amp: bool,
                  num_workers: int | str):
         self.clip, self.batch_size, self.device, self.amp = clip, batch_size, device, amp
-        self.images = decode_images(items, clip.image_size, num_workers)
+        self.images = self.load(items, num_workers)
         self.labels = torch.tensor([d.label for d in items])
         self.order_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
         self.aug_state: torch.Tensor | None = None   # the generator after the last batch handed out
         self.order: torch.Tensor | None = None
+
+    def load(self, items: list[Datum], num_workers: int | str) -> list:
+        """Every training image decoded once, up front (an unreadable one stops the run here)."""
+        return decode_images(items, self.clip.image_size, num_workers)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -96,6 +100,12 @@ class LiveSource:
         with torch.no_grad(), autocast(self.device, self.amp):
             return fmap, self.clip.pooled(fmap), labels
 
+    def prepare(self, idx: torch.Tensor, mine: slice):
+        """The host's part of a batch (in the background thread): draw its flips and crops from
+        the augmentation generator, gather this process's crops (``.finish`` does the rest)."""
+        return prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen, self.device,
+                             keep=mine)
+
     def epoch(self, epoch: int, start: int = 0):
         """Batches of the epoch from batch ``start`` on (start > 0: resuming inside an epoch)."""
         if start == 0:
@@ -107,8 +117,7 @@ class LiveSource:
         def host_work():  # in the background thread: the generator's calls, in batch order
             for idx in chunks:
                 mine = WORLD.shard(len(idx))   # a torchrun process's part of the global batch
-                batch = prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen,
-                                      self.device, keep=mine)
+                batch = self.prepare(idx, mine)
                 labels = self.labels[idx[mine]]
                 yield batch, (labels.pin_memory() if pin else labels), self.aug_gen.get_state()
 
@@ -124,6 +133,26 @@ class LiveSource:
             feed.close()  # stops the thread; a later epoch draws from where the last batch left off
             if self.aug_state is not None:
                 self.aug_gen.set_state(self.aug_state)
+
+
+class ReferenceSource(LiveSource):
+    """``augment: reference``: the published code's augmentation. Every epoch each image is read
+    from its file again and cropped and resized once, by PIL from full resolution (torchvision's
+    RandomResizedCrop on a PIL image, bicubic), flipped, converted and normalised -- where the
+    default keeps each image decoded at a reduced size and resizes its crops with torch on the
+    device. The crops and flips are drawn from the same generator, in the same order, on the
+    full-resolution sizes. Every image is decoded once up front all the same, so that an
+    unreadable one stops the run before training, and its size is known."""
+
+    def load(self, items: list[Datum], num_workers: int | str) -> list:
+        self.paths = [d.path for d in items]
+        self.threads = max(1, resolve_workers(num_workers, len(items)))
+        return [(h, w) for w, h in image_sizes(items, num_workers)]
+
+    def prepare(self, idx: torch.Tensor, mine: slice):
+        return reference_batch([self.paths[i] for i in idx], [self.images[i] for i in idx], self.clip.image_size,
+                               self.aug_gen, keep=mine, threads=self.threads,
+                               pin=self.device.type == "cuda")
 
 
 class ViewSource:

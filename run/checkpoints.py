@@ -24,7 +24,8 @@ CHECKPOINT_FORMAT = 3
 
 
 def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, trained: DatasetSplits,
-                    text: torch.Tensor, train_seconds: float, fewshot_sha256: str, train_data_sha256: str) -> None:
+                    text: torch.Tensor, train_seconds: float | None, fewshot_sha256: str | None,
+                    train_data_sha256: str | None, imported_from: dict | None = None) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
     text classifier of the classes it was trained on (predict.py, visualize.py; the base
     classes for base-to-new), the dataset (evaluating it elsewhere is a transfer), and a
@@ -34,7 +35,8 @@ def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: Frozen
                       "backbone": cfg.backbone, "dataset": trained.name, "num_classes": trained.num_classes,
                       "classnames": list(trained.classnames), "text": text.detach().cpu(),
                       "trunk_batchnorm": measured, "train_seconds": train_seconds,
-                      "fewshot_sha256": fewshot_sha256, "train_data_sha256": train_data_sha256})
+                      "fewshot_sha256": fewshot_sha256, "train_data_sha256": train_data_sha256,
+                      **({"imported_from": imported_from} if imported_from else {})})
 
 
 def is_int(value) -> bool:
@@ -45,9 +47,39 @@ def tensor_dict(value) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
+# --------------------------------------------------------------------------- the published code's checkpoints
+PUBLISHED_PREFIX = "attnpool."   # the published MyPooling's state dict: its AttentionPool2d under this name
+
+
+def is_published_checkpoint(ckpt) -> bool:
+    """``{"net": {"attnpool.*": tensors}, "optimizer", "epoch", "lr_scheduler"}``, as the published
+    code's ``save_model`` writes it."""
+    return (isinstance(ckpt, dict) and isinstance(ckpt.get("net"), dict) and bool(ckpt["net"])
+            and all(isinstance(k, str) and k.startswith(PUBLISHED_PREFIX) for k in ckpt["net"]))
+
+
+def published_pool_state(ckpt: dict, pool: torch.nn.Module, path: Path, backbone: str) -> dict[str, torch.Tensor]:
+    """The published pool's tensors under this project's names (the same names without the
+    prefix: the published pool is CLIP's attention pool with row 0 of the positional embedding
+    duplicated, as ours), checked against ``pool`` (another backbone's does not fit)."""
+    state = {k[len(PUBLISHED_PREFIX):]: v for k, v in ckpt["net"].items()}
+    expected = pool.state_dict()
+    if set(state) != set(expected) or not tensor_dict(state):
+        missing = sorted(set(expected) - set(state)) or sorted(set(state) - set(expected))
+        raise RaftError(f"{printable(path)} is not a published RAFT pool of a ResNet ({missing[:1]} differs)")
+    wrong = [f"{k} {tuple(state[k].shape)} there, {tuple(v.shape)} for {backbone}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise RaftError(f"{printable(path)} holds a published pool of another backbone than {backbone} ({wrong[0]})")
+    return state
+
+
 def validate_checkpoint(ckpt, path: Path) -> dict:
     """Every field a checkpoint may hold, checked for its type and its agreement with the others."""
     where = f"checkpoint {printable(path)}"
+    if is_published_checkpoint(ckpt):
+        raise RaftError(f"{printable(path)} is a checkpoint of the published RAFT code: import it into a run folder "
+                        f"first (python scripts/import_published.py {printable(path)} --config configs/<dataset>.yaml)")
     if not isinstance(ckpt, dict) or "pool" not in ckpt or not isinstance(ckpt.get("config"), dict):
         raise RaftError(f"{printable(path)} is not a RAFT checkpoint (no region-pool state)")
     fmt = ckpt.get("format", 1)
@@ -77,7 +109,8 @@ def validate_checkpoint(ckpt, path: Path) -> dict:
             ("train_seconds", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
              "seconds"),
             ("fewshot_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256"),
-            ("train_data_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256")):
+            ("train_data_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256"),
+            ("imported_from", lambda v: isinstance(v, dict), "where it was imported from")):
         if field in ckpt and not ok(ckpt[field]):
             bad(field, expected)
     classes = ckpt.get("num_classes")
@@ -132,7 +165,7 @@ def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
 # evaluation of a checkpoint takes them from the checkpoint, not from the command line.
 # val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
 TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
-                 "descriptions", "templates", "logit_scale", "val_per_class", "protocol")
+                 "descriptions", "templates", "logit_scale", "val_per_class", "protocol", "pool_precision")
 
 
 # ... of which these describe the source dataset's classes, not the pool: a transfer uses the target's.

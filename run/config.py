@@ -147,6 +147,11 @@ SCHEMA: dict[str, Key] = {
                                       "for bit, instead of summing the processes' gradients (equal up to float "
                                       "rounding); costs a feature gather per step (doc/distributed.md)"),
     "feature_cache": Key((bool,), True, "cache val/test trunk features on disk and reuse them across runs"),
+    "augment": Key((str,), "batched", "faithful mode's augmentation: 'batched' (each image decoded once, at a "
+                                      "reduced size; crops resized in batches on the device) or 'reference' (the "
+                                      "published code's: each image read again every epoch, one PIL resampling "
+                                      "from full resolution; slower, doc/method.md §6)",
+                   choices=("batched", "reference")),
     "train_views": Key((int,), None, "null: a fresh augmentation every epoch (faithful); V: V augmented views "
                                      "per image computed once and cycled through the epochs", True,
                        *span(0, 100, True, "each view is a trunk pass and a stored copy of every image's features")),
@@ -323,6 +328,9 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
             or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0 or fractions[2] == 0):
         raise RaftError(f"config key 'split_fractions' must be [train, val, test] fractions summing to 1 "
                         f"with train and test > 0, got {fractions!r}")
+    if values["augment"] == "reference" and values["train_views"]:
+        raise RaftError("augment: reference is the faithful mode's augmentation; train_views caches its own views "
+                        "(set one of them)")
     known = SCHEMA["baselines"].default
     for method in values["baselines"]:
         if method not in known:
@@ -333,6 +341,26 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
         if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
             raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
     return Config(values)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def dataset_config(dataset: str) -> Path:
+    """configs/<dataset>.yaml, or one line naming the closest dataset."""
+    path = CONFIG_DIR / f"{dataset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in ("demo", "folder"))
+        hint = difflib.get_close_matches(dataset, known, n=1, cutoff=0.0)
+        raise RaftError(f"unknown dataset '{dataset}' (did you mean '{hint[0]}'?); known: {', '.join(known)}")
+    return path
+
+
+def data_folder(dataset: str, data_root: str | Path | None = None) -> Path:
+    """Where a dataset's files live: its config's data_path, or with one root for all datasets
+    (``DATA=`` of the sweeps, ``--data_root``) the config folder's own name under it."""
+    configured = Path(str(file_values(dataset_config(dataset))["data_path"] or dataset))
+    return Path(data_root) / configured.name if data_root else configured
 
 
 def check_outside_data(cfg: Config) -> None:

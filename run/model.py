@@ -14,6 +14,7 @@ from clip.reference import make_region_pool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import DatasetSplits
 from datasets.loader import eval_transform, make_loader
+from datasets.published import file_blob_id, published_descriptions
 from run.config import Config
 from run.distributed import WORLD
 from utils import RaftError
@@ -61,15 +62,34 @@ def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets,
     return Model(clip, text, pool, target_text)
 
 
+GPT3_DIR = Path(__file__).resolve().parents[1] / "gpt3_file"   # where `descriptions: auto` looks
+
+
+def description_file(cfg: Config, dataset: str) -> Path | None:
+    """The class-description file a run reads: ``auto`` = gpt3_file/<dataset>_prompt.json when it
+    exists; a path; or none (templates)."""
+    if cfg.descriptions == "auto":
+        default = GPT3_DIR / f"{dataset}_prompt.json"
+        return default if default.is_file() else None
+    return None if cfg.descriptions is None else Path(cfg.descriptions)
+
+
+def text_source(cfg: Config, data: DatasetSplits) -> dict:
+    """What a run's text classifier was built from, for results.json: the description file and
+    its git blob id (``published``: the very file the published code ships for this dataset),
+    or the templates."""
+    source = description_file(cfg, data.name)
+    if source is None or not source.is_file():
+        return {"kind": "templates", "templates": list(cfg.templates or data.templates)}
+    published = published_descriptions(data.name)
+    blob = file_blob_id(source)
+    return {"kind": "descriptions", "file": str(source), "git_blob": blob,
+            "published": published is not None and blob == published.git_blob}
+
+
 def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch.Tensor:
     templates = cfg.templates or data.templates
-    descriptions, source = None, None
-    if cfg.descriptions == "auto":
-        default = Path(__file__).resolve().parent / "gpt3_file" / f"{data.name}_prompt.json"
-        if default.is_file():
-            source = default
-    elif cfg.descriptions is not None:
-        source = Path(cfg.descriptions)
+    descriptions, source = None, description_file(cfg, data.name)
     if source is not None:
         descriptions = load_descriptions(source)
         log.info(f"class descriptions: {source}")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from datasets import DatasetSplits
+from datasets.published import published_descriptions
 from run.checkpoints import read_results
+from run.model import text_source
 from run.config import Config
 from run.distributed import WORLD
 from utils import RaftError, write_json
@@ -39,6 +42,8 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "seed": cfg.seed, "num_classes": data.num_classes, "name": cfg.name or None,
         "sizes": evaluation["sizes"],
         "val_source": evaluation["val_source"],
+        "text_source": text_source(cfg, data), "lr_schedule": "published",
+        **({"imported_from": plan.ckpt["imported_from"]} if plan.ckpt and "imported_from" in plan.ckpt else {}),
         **({"split_file": str(data.split_file)} if data.split_file else {}),
         **({"split": data.split_record()} if data.split_record() else {}),
         "protocol": "cross_dataset" if plan.transfer_from is not None else cfg.protocol,
@@ -76,5 +81,17 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
                   results["base2new"]["base"]["test_acc"], results["base2new"]["new"]["test_acc"],
                   results["test_acc"], results["zero_shot_acc"]))
     print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}{' base-to-new' if 'base2new' in results else ''}: "
-          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}); results in {plan.results_path}")
+          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}){text_note(results, data.name)}; "
+          f"results in {plan.results_path}")
     return results
+
+
+def text_note(results: dict, dataset: str) -> str:
+    """For a dataset whose description file the published code ships, a run that does not use
+    that file says so in its summary line, and how to get it."""
+    source = results["text_source"]
+    if published_descriptions(dataset) is None or source.get("published"):
+        return ""
+    used = "templates" if source["kind"] == "templates" else f"descriptions {Path(source['file']).name}"
+    return (f"; text: {used}, not the published descriptions (python scripts/get_files.py {dataset} "
+            f"fetches them)")

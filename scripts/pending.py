@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run.config import Config, file_values, parse_args  # noqa: E402
+from run.config import Config, data_folder, parse_args  # noqa: E402
 from run.folders import run_dir_of, run_tag  # noqa: E402
 from utils import run_main  # noqa: E402
 
@@ -33,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     python, root = os.environ.get("PYTHON", "python"), os.environ.get("DATA")
     for dataset in datasets:
         entry = "main_imagenet.py" if dataset == "imagenet" else "main.py"
-        where = []
-        if root:   # DATA=/data: the config's own folder name under it (as scripts/common.sh's data_args)
-            folder = Path(str(file_values(ROOT / "configs" / f"{dataset}.yaml")["data_path"] or dataset)).name
-            where = ["--data_path", str(Path(root) / folder)]
+        # DATA=/data: the config's own folder name under it (as scripts/common.sh's data_args)
+        where = ["--data_path", str(data_folder(dataset, root))] if root else []
         for shot in shots:
             for seed in seeds:
                 args = ["--config", f"configs/{dataset}.yaml", "--shots", shot, "--seed", seed, *where, *overrides]

@@ -1,0 +1,113 @@
+"""Fetch the published split and description files, each verified against its pinned git blob
+id before it is moved into place (``scripts/get_files.py``, doc/datasets.md).
+
+A download goes to a temporary sibling of its target, is verified (SHA-1 over
+``blob <size>\\0`` + content, the id git gives the file), and only then renamed over the target:
+a mismatch, a broken connection or a full disk leaves nothing behind. A file already in place
+that verifies is skipped; one that differs is reported and kept unless ``force``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils import RaftError, printable
+
+from .published import RAW_URL, PublishedFile, file_blob_id, git_blob_id
+
+TIMEOUT = 10.0          # seconds without an answer before a server counts as unreachable
+CHUNK = 1 << 16
+PROGRESS_BYTES = 1 << 20   # files larger than this show a progress bar
+
+
+@dataclass
+class Outcome:
+    file: PublishedFile
+    target: Path
+    status: str          # "downloaded", "present" (verified), "differs" (kept), "failed"
+    detail: str = ""
+
+
+def reach(base_url: str, timeout: float = TIMEOUT) -> None:
+    """Fail in seconds, with one line, when the server cannot be reached (no network, a proxy
+    that refuses, a wrong --base-url); any HTTP answer counts as reachable."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/", method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RaftError(f"cannot reach {base_url} ({reason}): offline, or behind a proxy that needs HTTPS_PROXY? "
+                        f"doc/datasets.md lists the files and their ids for a download by hand") from None
+
+
+def download(url: str, target: Path, expected: PublishedFile, timeout: float = TIMEOUT) -> None:
+    """``url`` into ``target``, atomically, if and only if its content has the pinned blob id."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise RaftError(f"cannot write into {printable(target.parent)} (read-only): choose another --data_root")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as answer:
+                    total = int(answer.headers.get("Content-Length") or 0) or expected.size
+                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False,
+                               disable=None if (total or 0) > PROGRESS_BYTES else True)
+                    with bar:
+                        while block := answer.read(CHUNK):
+                            out.write(block)
+                            bar.update(len(block))
+            except urllib.error.HTTPError as exc:
+                raise RaftError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
+                raise RaftError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+            out.flush()
+            os.fsync(out.fileno())
+        data = Path(tmp).read_bytes()
+        got = git_blob_id(data)
+        if got != expected.git_blob:
+            size = f"{len(data)} bytes" + (f", {expected.size} expected" if expected.size else "")
+            raise RaftError(f"{url}: the content's git blob id is {got}, the pinned one {expected.git_blob} ({size}): "
+                            f"refused, nothing written")
+        os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RaftError(f"no space left on device while writing {printable(target)}: nothing was written") from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fetch(files: list[tuple[PublishedFile, Path]], base_url: str = RAW_URL, force: bool = False,
+          timeout: float = TIMEOUT) -> list[Outcome]:
+    """Each (file, target): skipped when the target verifies, reported when it differs (replaced
+    only with ``force``), downloaded otherwise. A failure is recorded and the rest go on."""
+    outcomes = []
+    if any(not target.is_file() or force for _, target in files):
+        reach(base_url, timeout)
+    for published, target in files:
+        if target.is_file() and not force:
+            blob = file_blob_id(target)
+            if blob == published.git_blob:
+                outcomes.append(Outcome(published, target, "present"))
+            else:
+                outcomes.append(Outcome(published, target, "differs", f"its blob id is {blob}, the published file's "
+                                                                      f"{published.git_blob}; kept (--force replaces)"))
+            continue
+        try:
+            download(f"{base_url.rstrip('/')}/{published.path}", target, published, timeout)
+            outcomes.append(Outcome(published, target, "downloaded"))
+        except RaftError as exc:
+            outcomes.append(Outcome(published, target, "failed", str(exc)))
+    return outcomes
