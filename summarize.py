@@ -82,9 +82,10 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
             group["base2new"].append(row | {part: (float(parts[part]["test_acc"]), float(parts[part]["zero_shot_acc"]))
                                             for part in ("base", "new")})
             continue
-        evaluated = path.parent / "results_eval.json"   # e.g. scripts/domain_generalization.sh
-        if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
-            row["shift"] = shift_of(again)
+        for name in ("results_shift.json", "results_eval.json"):   # scripts/domain_generalization.sh (and
+            evaluated = path.parent / name                             # versions that wrote results_eval.json)
+            if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
+                row["shift"] = shift_of(again)
         group["fewshot"].append(row)
         if r.get("baselines"):
             group["methods"].append(method_row(r, row["acc"]))

@@ -105,8 +105,9 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
         log = setup_logging(run_dir / "log.txt")
         cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
         check_backbone(ckpt, ckpt_path, cfg)
-        if same:  # its classes are checked against the task's (make_task)
-            return RunPlan(cfg, log, run_dir, run_dir / "results_eval.json", ckpt_path, ckpt=ckpt)
+        if same:  # its classes are checked against the task's (make_task); each purpose its own file
+            purpose = "results_shift.json" if cfg.shift_sets else "results_eval.json"
+            return RunPlan(cfg, log, run_dir, run_dir / purpose, ckpt_path, ckpt=ckpt)
         log.info(f"cross-dataset transfer: a pool trained on {source}, evaluated on {data.name}")
         return RunPlan(cfg, log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
                        transfer_from=source)

@@ -11,6 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+help_on_request "$0" "$@"
 positional=()
 while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
 exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-imagenet $ALL_COOP}}" "${positional[1]:-${SHOTS:-16}}" \

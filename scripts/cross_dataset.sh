@@ -5,18 +5,20 @@
 #
 #   bash scripts/cross_dataset.sh output/imagenet/RN50_16shots_seed1/checkpoint.pt
 #   DATA=/data TARGETS="dtd eurosat" bash scripts/cross_dataset.sh CHECKPOINT [--key value ...]
+#
+# One Ctrl-C stops it after the current target, with the summary (done / failed / not started).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+help_on_request "$0" "$@"
 need_checkpoint cross_dataset.sh "$@"
 ckpt="$1"; shift
-failed=()
-for target in ${TARGETS:-$ALL_COOP}; do
-  echo "=== $target"
+targets=(${TARGETS:-$ALL_COOP})
+start_runs "${#targets[@]}"
+for target in "${targets[@]}"; do
+  [[ $stopped == 1 ]] && break
   # shellcheck disable=SC2046
-  if ! "$PYTHON" main.py --config "configs/${target}.yaml" --eval-only --checkpoint "$ckpt" \
-      $(data_args "$target") "$@"; then
-    failed+=("$target")
-  fi
+  run_one "$target" "$PYTHON" main.py --config "configs/${target}.yaml" --eval-only --checkpoint "$ckpt" \
+    $(data_args "$target") "$@"
 done
-report_failures
+finish_runs

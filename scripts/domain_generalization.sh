@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Domain generalisation (doc/protocols.md): a pool trained on ImageNet, tested on
 # ImageNet-V2 and -Sketch (all 1000 classes) and ImageNet-A and -R (their 200-class subsets)
-# with ImageNet's classifier, at the run's alpha. Results: results_eval.json beside the
-# checkpoint ("shift"); python summarize.py output/ prints the table.
+# with ImageNet's classifier, at the run's alpha. Results: results_shift.json beside the
+# checkpoint (its own file: a plain --eval-only writes results_eval.json); python
+# summarize.py output/ prints the table.
 #
 #   bash scripts/domain_generalization.sh output/imagenet/RN50_16shots_seed1/checkpoint.pt
 #   DATA=/data bash scripts/domain_generalization.sh CHECKPOINT [--key value ...]
@@ -13,6 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+help_on_request "$0" "$@"
 need_checkpoint domain_generalization.sh "$@"
 ckpt="$1"; shift
 root="${DATA:-data}"; root="${root%/}"

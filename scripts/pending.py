@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from run.config import Config, data_folder, parse_args  # noqa: E402
 from run.folders import run_dir_of, run_tag  # noqa: E402
-from utils import run_main  # noqa: E402
+from utils import RaftError, run_main  # noqa: E402
 
 
 def dataset_name(cfg: Config) -> str:
@@ -29,8 +29,14 @@ def dataset_name(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    if len(argv) < 3:
+        raise RaftError('usage: python scripts/pending.py "DATASETS" "SHOTS" "SEEDS" [--key value ...]')
     datasets, shots, seeds, overrides = argv[0].split(), argv[1].split(), argv[2].split(), argv[3:]
     python, root = os.environ.get("PYTHON", "python"), os.environ.get("DATA")
+    listed = finished = 0
     for dataset in datasets:
         entry = "main_imagenet.py" if dataset == "imagenet" else "main.py"
         # DATA=/data: the config's own folder name under it (as scripts/common.sh's data_args)
@@ -40,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                 args = ["--config", f"configs/{dataset}.yaml", "--shots", shot, "--seed", seed, *where, *overrides]
                 cfg, flags = parse_args(args, "")
                 cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
-                if not (run_dir_of(cfg, dataset_name(cfg)) / "results.json").is_file():
+                listed += 1
+                if (run_dir_of(cfg, dataset_name(cfg)) / "results.json").is_file():
+                    finished += 1
+                else:
                     print(f"cd {shlex.quote(str(ROOT))} && {shlex.join([python, entry, *args])}")
+    if finished:
+        print(f"{finished} of {listed} run{'s' if listed != 1 else ''} already finished: left out", file=sys.stderr)
     return 0
 
 

@@ -9,8 +9,9 @@
 # -- are config overrides. Finished runs are skipped. The loop itself is scripts/sweep.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/common.sh
+help_on_request "$0" "$@"
 positional=()
 while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-source scripts/common.sh
 exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-$ALL_COOP}}" "${positional[1]:-${SHOTS:-16}}" \
   "${positional[2]:-${SEEDS:-1}}" "$@"

@@ -265,7 +265,7 @@ def test_sweep_lists_pending_runs_and_spreads_them_over_gpus(tmp_path):
     runs = calls.read_text().splitlines()
     assert len(runs) == 5                                        # dtd seed 1 was finished
     assert {line.split()[0] for line in runs} == {"gpu=0", "gpu=1"}
-    assert swept.returncode == 1 and "2 run(s) failed" in swept.stderr
+    assert swept.returncode == 1 and "2 runs failed" in swept.stderr and "3 done, 2 failed, 0 not started" in swept.stderr
     assert "[gpu " in swept.stdout
 
 

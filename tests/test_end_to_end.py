@@ -114,7 +114,7 @@ def test_imagenet_train_then_test_from_checkpoint(tmp_path):
     proc = run("main_imagenet.py", *args, "--shots", "2", "--val_per_class", "3", "--eval-only", "--checkpoint",
                str(run_dir / "checkpoint.pt"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluated = json.loads((run_dir / "results_eval.json").read_text())
+    evaluated = json.loads((run_dir / "results_shift.json").read_text())     # with shift sets: their own file
     assert evaluated["shots"] == 4 and evaluated["sizes"] == results["sizes"]      # the run's own val images
     assert (evaluated["alpha"], evaluated["test_acc"]) == (results["alpha"], results["test_acc"])
     assert "imagenet tiny-rn 4-shot seed 1" in proc.stdout
@@ -135,4 +135,4 @@ def test_sweep_script_skips_finished_runs_and_reuses_eval_features(demo_root, tm
     stores = [p.name for p in (tmp_path / "cache" / "features").iterdir() if p.name.startswith(("demo_val", "demo_test"))]
     assert len(stores) == 2      # val + test, once for the sweep (each run's baselines cache its few-shot images too)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("already finished") == 2
+    assert again.returncode == 0 and "2 of 2 runs already finished: left out" in again.stderr   # no run started

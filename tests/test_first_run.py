@@ -333,7 +333,8 @@ def test_float16_overflow_under_amp_stops_once_with_the_fix(tiny_clip, tmp_path)
 def test_sweep_runs_past_failures_lists_them_and_honours_python_and_data(tmp_path):
     fake = tmp_path / "fakepy"
     log = tmp_path / "calls.txt"
-    fake.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {log}\n[[ \"$*\" == *\"--seed 1\"* ]] && exit 2\nexit 0\n")
+    fake.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == *pending.py ]]; then exec {sys.executable} \"$@\"; fi\n"
+                    f"echo \"$@\" >> {log}\n[[ \"$*\" == *\"--seed 1\"* ]] && exit 2\nexit 0\n")
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake), DATA="/data/root")
     proc = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd eurosat", "4", "1 2", "--lr", "2e-4"],
@@ -343,7 +344,7 @@ def test_sweep_runs_past_failures_lists_them_and_honours_python_and_data(tmp_pat
     assert all("--data_path /data/root/dtd" in c for c in calls[:2]) and "/data/root/eurosat" in calls[2]
     assert all(c.endswith("--lr 2e-4") for c in calls)
     assert proc.returncode == 1
-    assert "2 run(s) failed" in proc.stderr and "dtd shots=4 seed=1" in proc.stderr
+    assert "2 runs failed" in proc.stderr and "--config configs/dtd.yaml --shots 4 --seed 1" in proc.stderr
 
 
 # --------------------------------------------------------------------------- docs that drift

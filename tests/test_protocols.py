@@ -182,9 +182,16 @@ def test_domain_generalisation_script_scores_each_variant_on_its_classes(tmp_pat
                            str(data), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    shift = json.loads((ckpt.parent / "results_eval.json").read_text())["shift"]
+    shift = json.loads((ckpt.parent / "results_shift.json").read_text())["shift"]
     assert {k: (v["num_classes"], v["size"]) for k, v in shift.items()} == {
         "imagenet_v2": (4, 8), "imagenet_sketch": (4, 6), "imagenet_a": (2, 4), "imagenet_r": (3, 6)}
+    # test_imagenet.sh's plain evaluation afterwards writes its own file: the shift results stay
+    proc = subprocess.run(["bash", str(ROOT / "scripts/test_imagenet.sh"), str(ckpt), "--data_path", str(data),
+                           "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shift" not in json.loads((ckpt.parent / "results_eval.json").read_text())
+    assert json.loads((ckpt.parent / "results_shift.json").read_text())["shift"] == shift
     code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
     assert code == 0 and "domain generalisation" in out
     assert "| shots | imagenet | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r | variants average |" in out

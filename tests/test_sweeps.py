@@ -1,0 +1,77 @@
+"""A week of experiments without surprises: the scripts (help, Ctrl-C, progress, finished runs
+left out without starting Python), results files by purpose (doc/robustness.md, README)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, args_for, run_dir
+
+SCRIPTS = ["sweep.sh", "train_other_datasets.sh", "base2new.sh", "train_imagenet.sh", "cross_dataset.sh",
+           "domain_generalization.sh", "test_imagenet.sh", "slurm_array.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_every_script_prints_its_usage_and_runs_nothing(script, flag, tmp_path):
+    marker = tmp_path / "ran"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\ntouch {marker}\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script), flag], env=dict(os.environ, PYTHON=str(fake)),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() and "bash scripts/" in proc.stdout, proc.stderr
+    assert not marker.exists()
+
+
+def sweep(tmp_path, dtd, seeds, *extra, **kwargs):
+    """The real sweep script on the tiny dtd fixture (its settings passed as overrides)."""
+    overrides = args_for(dtd, tmp_path, *extra)[2:]          # everything but --config
+    return subprocess.Popen(["bash", str(ROOT / "scripts/sweep.sh"), "dtd", "4", seeds, *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable), **kwargs)
+
+
+def test_one_ctrl_c_stops_the_whole_sweep_with_its_summary(dtd, tmp_path):
+    proc = sweep(tmp_path, dtd, "1 2 3", "--train_epoch", "40", "--save_every", "0", "--baselines", "[]",
+                 start_new_session=True)
+    log = run_dir(tmp_path) / "log.txt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or "training state saved" not in log.read_text()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)                        # the terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "0 done, 1 failed, 2 not started (stopped by a signal)" in err
+    assert "[1/3]" in out and "[2/3]" not in out              # nothing started after the Ctrl-C
+    assert (run_dir(tmp_path) / "resume.pt").is_file()        # the run in progress saved its state
+
+
+def test_finished_runs_are_left_out_without_starting_python_and_progress_is_shown(dtd, tmp_path):
+    proc = sweep(tmp_path, dtd, "1 2", "--train_epoch", "2", "--baselines", "[]")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "[1/2]" in out and "[2/2]" in out and "about" in out and "2 done, 0 failed, 0 not started" in err
+    calls = tmp_path / "calls.txt"
+    counting = tmp_path / "python"
+    counting.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\nexec {sys.executable} \"$@\"\n")
+    counting.chmod(0o755)
+    overrides = args_for(dtd, tmp_path, "--train_epoch", "2", "--baselines", "[]")[2:]
+    again = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd", "4", "1 2", *overrides],
+                           env=dict(os.environ, PYTHON=str(counting)), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "2 of 2 runs already finished" in again.stderr
+    assert [line.split()[0].rsplit("/", 1)[-1] for line in calls.read_text().splitlines()] == ["pending.py"]
+
+
+def test_test_imagenet_honours_data(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    subprocess.run(["bash", str(ROOT / "scripts/test_imagenet.sh"), "ck.pt"], env=dict(os.environ, PYTHON=str(fake),
+                   DATA="/data/root"), check=True, timeout=30)
+    assert "--data_path /data/root/imagenet" in calls.read_text()
