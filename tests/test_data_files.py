@@ -1,7 +1,6 @@
 """The data on-ramp (doc/datasets.md): fetching the published split and description files,
 verified, from a server on 127.0.0.1; checking dataset trees built from the real split files;
 the folder layouts people have."""
-import hashlib
 import json
 import os
 import shutil
@@ -19,8 +18,6 @@ from PIL import Image
 from conftest import ROOT, cli, one_line_error, shared_fixture
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import check_data  # noqa: E402
-import get_files  # noqa: E402
 
 from datasets.published import PUBLISHED_FILES, git_blob_id  # noqa: E402
 

@@ -1,6 +1,5 @@
 """A week of experiments without surprises: the scripts (help, Ctrl-C, progress, finished runs
 left out without starting Python), results files by purpose (doc/robustness.md, README)."""
-import json
 import os
 import signal
 import subprocess
