@@ -54,10 +54,10 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     task = make_task(cfg, data, plan)
     images = sample_images(cfg, data, task, plan)
     model = build_model(cfg, data, task, images, plan, device)
-    train_seconds = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
+    train_seconds, history = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
     evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
     numerics = pool_numerics(model, cfg, plan)
     baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
-    return write_results(cfg, data, plan, evaluation, numerics, baselines, train_seconds, device)
+    return write_results(cfg, data, plan, evaluation, numerics, baselines, train_seconds, device, history)
 
 

@@ -40,10 +40,10 @@ class TrainedRun:
 
 def run_arguments(description: str) -> argparse.ArgumentParser:
     """The command-line arguments every tool that uses a finished run shares."""
-    parser = ToolParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=description)
     parser.add_argument("run_dir", help="a run folder (holds checkpoint.pt and results.json)")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--weights", help="where to read the backbone weights from, if not where training did")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser

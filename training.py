@@ -25,7 +25,7 @@ from loss import cosine_logits, raft_loss, reference_loss
 from run.checkpoints import load_pool_state, save_checkpoint
 from run.config import Config, check_values, describe_changes, settings_differ
 from run.distributed import WORLD
-from utils import RaftError, autocast, set_seed, torch_load, torch_save, write_yaml
+from utils import RaftError, atomic_write, autocast, set_seed, torch_load, torch_save, write_yaml
 
 if TYPE_CHECKING:
     from run.folders import RunPlan
@@ -203,7 +203,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
     per_epoch = len(source)
     total, warmup = cfg.train_epoch * per_epoch, cfg.warmup_epoch * per_epoch
     rates = lr_schedule(total, warmup, cfg.lr, cfg.min_lr)
-    progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [],
+    progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [], "epoch_began": 0.0,
                 "sums": {"loss": 0.0, "cls": 0.0, "bg": 0.0, "l1": 0.0, "sep": 0.0}, "correct": 0, "seen": 0}
     state = load_state(state_path, cfg) if state_path is not None else None
     if state is not None:
@@ -228,6 +228,7 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                                 "progress": progress})
         log.info(f"training state saved ({reason}): epoch {progress['epoch']}, step {progress['step']}")
 
+    board = tensorboard_writer(cfg, state_path) if world.main else None
     pool.train()
     last_save = time.monotonic()
     clock = time.perf_counter()
@@ -276,6 +277,8 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
             if progress["position"] == began and progress["position"] < per_epoch and stop.requested is None:
                 raise RuntimeError(f"the training source yielded no batch at epoch {epoch}, position "
                                    f"{progress['position']} of {per_epoch}")   # a bug, never a user's input
+            progress["seconds"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             if progress["position"] >= per_epoch:  # the epoch is complete
                 tally.check_finite(per_epoch, state_path)
                 tally.into(progress)
@@ -283,16 +286,23 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                 seen = max(1, progress["seen"])
                 row = {k: v / seen for k, v in sums.items()} | {
                     "epoch": epoch, "train_acc": 100.0 * progress["correct"] / seen,
-                    "lr": float(rates[progress["step"] - 1])}   # the last step's: what it ran at
+                    "lr": float(rates[progress["step"] - 1]),   # the last step's: what it ran at
+                    "seconds": progress["seconds"] - progress.get("epoch_began", 0.0)}
                 progress["history"].append(row)
-                log.info(f"epoch {epoch:3d}/{cfg.train_epoch}  loss {row['loss']:.4f} (cls {row['cls']:.3f} "
-                         f"bg {row['bg']:.3f} l1 {row['l1']:.3f} sep {row['sep']:.3f})  "
-                         f"train acc {row['train_acc']:.2f}%  lr {row['lr']:.2e}")
+                progress["epoch_began"] = progress["seconds"]
+                left = (cfg.train_epoch - epoch) * progress["seconds"] / epoch
+                log.info(f"epoch {epoch:3d}/{cfg.train_epoch}  loss {row['loss']:.4f}: cls {row['cls']:.3f}, "
+                         f"bg {row['bg']:.3f}, l1 {row['l1']:.3f}, sep {row['sep']:.3f}  "
+                         f"train acc {row['train_acc']:.2f}%  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+                         + (f", about {clock_time(left)} left" if epoch < cfg.train_epoch else ""))
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "epoch":
+                            board.add_scalar(f"train/{key}", value, epoch)
+                    board.flush()
                 progress.update(epoch=epoch + 1, position=0, correct=0, seen=0,
                                 sums={k: 0.0 for k in sums})
                 tally = EpochTally(device, progress)
-            progress["seconds"] += time.perf_counter() - clock
-            clock = time.perf_counter()
             if world.any(stop.requested is not None):
                 reason = stop.requested or "SIGTERM"   # another process got the signal
                 save(f"{reason.lower()}")
@@ -304,17 +314,52 @@ def train_pool(pool: torch.nn.Module, text: torch.Tensor, source, cfg: Config, d
                 save("periodic")
                 last_save = time.monotonic()
     pool.eval()
+    if board is not None:
+        board.close()
     return {"history": progress["history"], "steps": progress["step"], "seconds": progress["seconds"]}
 
 
+def clock_time(seconds: float) -> str:
+    """12s, 3m05s, 2h07m: an estimate, shown as a person reads it."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def tensorboard_writer(cfg: Config, state_path: Path | None):
+    """``tensorboard: true``: a SummaryWriter into <run folder>/tensorboard (the package is an
+    optional dependency: one line when it is missing, before any training)."""
+    if not cfg.tensorboard or state_path is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RaftError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(state_path.parent / "tensorboard"))
+
+
+HISTORY_COLUMNS = ("epoch", "loss", "cls", "bg", "l1", "sep", "train_acc", "lr", "seconds")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """The training curve, one row per epoch (summarize.py --curves plots it)."""
+    lines = [",".join(HISTORY_COLUMNS)] + [",".join(f"{row.get(k, '')}" for k in HISTORY_COLUMNS) for row in history]
+    atomic_write(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
+
+
 def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
-                  device: torch.device, use_amp: bool) -> float | None:
-    """Train the region pool (resuming a saved state), or load the checkpoint's; the training seconds."""
+                  device: torch.device, use_amp: bool) -> tuple[float | None, list[dict] | None]:
+    """Train the region pool (resuming a saved state), or load the checkpoint's; the training
+    seconds and the per-epoch history (a checkpoint's, for one trained before)."""
     log = plan.log
     if not plan.trains:
         load_pool_state(model.pool, plan.ckpt, plan.ckpt_path)
         log.info(f"loaded region pool from {plan.ckpt_path}")
-        return plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
+        seconds = plan.ckpt.get("train_seconds") if plan.state_path is not None else None  # None: --eval-only
+        return seconds, plan.ckpt.get("history")
     world = WORLD
     if world.main:
         write_yaml(plan.run_dir / "config.yaml", dict(cfg))
@@ -342,9 +387,11 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]
     if world.main:
+        write_history(plan.run_dir / "history.csv", stats["history"])
         save_checkpoint(plan.ckpt_path, model.pool, cfg, model.clip, task.train, model.text, train_seconds,
-                        sample_digest(images.train, data.image_root or data.root), data.digest(("train",)))
+                        sample_digest(images.train, data.image_root or data.root), data.digest(("train",)),
+                        history=stats["history"])
         plan.state_path.unlink(missing_ok=True)
     world.barrier()
     log.info(f"trained in {train_seconds:.1f}s; checkpoint {plan.ckpt_path}")
-    return train_seconds
+    return train_seconds, stats["history"]

@@ -83,9 +83,18 @@ def name_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default in its help line."""
+
+
 class ToolParser(argparse.ArgumentParser):
     """argparse whose usage errors are ``RaftError``s: one line, exit code 2, like every other
-    error of the tools (argparse itself prints the usage and its own message)."""
+    error of the tools (argparse itself prints the usage and its own message); --help shows
+    every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise RaftError(f"{message} (see {self.prog} --help)")
@@ -106,18 +115,32 @@ def bounded(kind: type, low: float, high: float) -> Callable[[str], Any]:
 
 
 # --------------------------------------------------------------------------- entry points
+def log_to_run_files(message: str) -> None:
+    """The line that ended a run, into the run's log.txt too (an overnight sweep's log would
+    otherwise stop without saying why); the console has it already."""
+    for handler in logging.getLogger("raft").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("raft", logging.ERROR, __file__, 0, message, None, None))
+            handler.flush()
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run an entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints as \xNN, never fails
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    for handler in list(logging.getLogger("raft").handlers):   # an earlier run's log file (one process, many runs)
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger("raft").removeHandler(handler)
+            handler.close()
     try:
         code = main(argv)
     except RaftError as exc:
         if debug:
             raise
         print(f"error: {one_line(printable(exc))}", file=sys.stderr)
+        log_to_run_files(f"error: {one_line(printable(exc))}")
         return getattr(exc, "exit_code", 2)
     except OSError as exc:  # the environment: a full disk, permissions, a vanished mount
         if debug:
@@ -125,9 +148,11 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {what}{printable(where)}; nothing was left half-written", file=sys.stderr)
+        log_to_run_files(f"error: {what}{printable(where)}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        log_to_run_files("interrupted")
         return 130
     return code if isinstance(code, int) else 0
 

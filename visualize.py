@@ -10,6 +10,7 @@ scale for the three maps).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 from datasets.loader import CLIP_MEAN, CLIP_STD
 from inference import attention_maps, class_probabilities, image_files, load_images, load_run, run_arguments
-from utils import atomic_write, bounded, printable, run_main
+from datasets import load_dataset
+from utils import RaftError, atomic_write, bounded, printable, run_main
 
 PANELS = (("class", "class token"), ("background", "background token"), ("clip", "CLIP's pool"))
 
@@ -33,19 +35,21 @@ def render(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path:
     rgb = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     size = rgb.shape[:2]
     vmax = max(float(m.max()) for m in maps.values())  # one colour scale for the three maps
-    fig, axes = plt.subplots(1, 1 + len(PANELS), figsize=(3.2 * (1 + len(PANELS)), 3.6))
+    fig, axes = plt.subplots(1, 1 + len(PANELS), figsize=(3.2 * (1 + len(PANELS)) + 0.8, 3.8))
     axes[0].imshow(rgb)
     axes[0].set_title("image")
     for ax, (key, label) in zip(axes[1:], PANELS):
         grid = maps[key]
         up = torch.nn.functional.interpolate(grid[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
         ax.imshow(rgb)
-        ax.imshow(up.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
-        ax.set_title(f"{label}\n(max {100 * grid.max():.0f}% of {grid.numel()} cells)", fontsize=9)
+        shown = ax.imshow(100 * up.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=100 * vmax)
+        ax.set_title(f"{label}\nmax {100 * grid.max():.0f}% of {grid.numel()} cells", fontsize=9)
     for ax in axes:
         ax.axis("off")
+    scale = plt.cm.ScalarMappable(norm=shown.norm, cmap=shown.cmap)   # the colours at full strength
+    bar = fig.colorbar(scale, ax=list(axes[1:]), fraction=0.025, pad=0.02)
+    bar.set_label("attention, % of the grid (one scale)", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
     plt.close(fig)
 
@@ -59,8 +63,11 @@ def main(argv: list[str] | None = None):
     run = load_run(args.run_dir, args.device, args.weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written, used = 0, set()
-    for path in image_files(args.images):
+    paths = image_files(args.images)
+    base = common_folder(paths)
+    truth = true_labels(run)
+    written = 0
+    for path in paths:
         good, images, errors = load_images(run, [path])
         for err in errors:
             print(f"skipped unreadable image {err}", file=sys.stderr)
@@ -69,16 +76,31 @@ def main(argv: list[str] | None = None):
         maps = {k: v[0] for k, v in attention_maps(run, images).items()}
         probs = class_probabilities(run, images)[0]
         top = int(probs.argmax())
-        name = path.stem
-        while name in used:  # same file name in two folders
-            name += "_"
-        used.add(name)
-        target = out / f"{name}.png"
-        render(images[0], maps, f"{printable(path.name)}: {run.classnames[top]} ({100 * probs[top]:.1f}%)", target,
-               args.dpi)
+        relative = path.resolve().relative_to(base)   # the source's own tree: no two images share a name
+        target = (out / relative).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        known = truth.get(str(path.resolve()))
+        title = (f"{printable(relative)}: predicted {run.classnames[top]}, {100 * probs[top]:.1f}%"
+                 + (f"; true class {known}" if known else ""))
+        render(images[0], maps, title, target, args.dpi)
         print(printable(target))
         written += 1
     return 0 if written else 1
+
+
+def common_folder(paths: list[Path]) -> Path:
+    """The deepest folder holding every image (output names keep the paths below it)."""
+    return Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+
+
+def true_labels(run) -> dict[str, str]:
+    """Class names of the images the run's own dataset labels (its splits), by resolved path;
+    empty when that dataset is not readable here (images from elsewhere have no known label)."""
+    try:
+        data = load_dataset(run.config)
+    except (RaftError, OSError):
+        return {}
+    return {str(Path(d.path).resolve()): d.classname for split in (data.train, data.val, data.test) for d in split}
 
 
 if __name__ == "__main__":

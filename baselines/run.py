@@ -23,7 +23,7 @@ from utils import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None):
-    cfg, flags = parse_args(argv, "Run the baselines of a RAFT setting (doc/baselines.md), without training RAFT.")
+    cfg, flags = parse_args(argv, __doc__, evaluates=False, prog="baselines/run.py")
     check_outside_data(cfg)
     baselines_only(cfg, flags, load_dataset(cfg))
 

@@ -338,18 +338,18 @@ def bench_sweep(args, data_root, work, device):
 
 
 def main(argv: list[str] | None = None):
-    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", default="RN50")
-    parser.add_argument("--classes", type=bounded(int, 2, 1_000), default=4)
-    parser.add_argument("--shots", type=bounded(int, 1, 256), default=8)
+    parser = ToolParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to measure")
+    parser.add_argument("--backbone", default="RN50", help="any backbone (random weights: cost does not depend on them)")
+    parser.add_argument("--classes", type=bounded(int, 2, 1_000), default=4, help="classes of the synthetic dataset")
+    parser.add_argument("--shots", type=bounded(int, 1, 256), default=8, help="training images per class")
     parser.add_argument("--eval-per-class", type=bounded(int, 1, 1_000), default=8, help="val and test images per class")
-    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32)
+    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32, help="batch size")
     parser.add_argument("--epochs", type=bounded(int, 1, 1_000), default=50, help="epochs of a 'run' in part 4")
     parser.add_argument("--sweep-epochs", type=bounded(int, 1, 1_000), default=1,
                         help="training epochs per sweep run in part 3")
-    parser.add_argument("--workers", type=bounded(int, 0, 64), default=2)
-    parser.add_argument("--reps", type=bounded(int, 1, 100), default=7)
+    parser.add_argument("--workers", type=bounded(int, 0, 64), default=2, help="decoding workers")
+    parser.add_argument("--reps", type=bounded(int, 1, 100), default=7, help="repetitions of the pool timing")
     parser.add_argument("--image-size", type=bounded(int, 16, 4_096), default=320, help="side of the synthetic JPEGs")
     parser.add_argument("--work", default=None, help="folder for the dataset and caches (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the numbers here")

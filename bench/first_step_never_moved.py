@@ -14,7 +14,6 @@ float16 matrix products are emulated, RN50's three steps take about six minutes.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,12 +28,13 @@ from utils import ToolParser, bounded, run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="RN50")
-    parser.add_argument("--lrs", type=bounded(float, 1e-12, 10), nargs="+", default=[1e-4, 1e-5, 1e-6])
-    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32)
-    parser.add_argument("--classes", type=bounded(int, 1, 100_000), default=100)
-    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
+    parser = ToolParser(description=__doc__)
+    parser.add_argument("--backbone", default="RN50", help="backbone whose pool is stepped (random weights)")
+    parser.add_argument("--lrs", type=bounded(float, 1e-12, 10), nargs="+", default=[1e-4, 1e-5, 1e-6],
+                        help="learning rates, one step each from the same start")
+    parser.add_argument("--batch", type=bounded(int, 1, 4_096), default=32, help="batch size")
+    parser.add_argument("--classes", type=bounded(int, 1, 100_000), default=100, help="classes of the random text classifier")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seed of the random features")
     args = parser.parse_args(argv)
 
     clip = FrozenCLIP(load_open_clip(args.backbone, None), args.backbone)

@@ -12,7 +12,6 @@ differences describe this setting (doc/method.md, Numerics).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -49,11 +48,11 @@ def trained(make, forward, batches, text, lr):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("--backbone", default="tiny-rn", help="a ResNet (default tiny-rn)")
-    parser.add_argument("--steps", type=bounded(int, 1, 1000), default=20)
-    parser.add_argument("--batch", type=bounded(int, 1, 1024), default=32)
-    parser.add_argument("--lr", type=bounded(float, 1e-12, 1), default=1e-4)
+    parser.add_argument("--steps", type=bounded(int, 1, 1000), default=20, help="training steps")
+    parser.add_argument("--batch", type=bounded(int, 1, 1024), default=32, help="batch size")
+    parser.add_argument("--lr", type=bounded(float, 1e-12, 1), default=1e-4, help="constant learning rate")
     args = parser.parse_args(argv)
     clip = FrozenCLIP(load_open_clip(args.backbone, None), args.backbone)
     gen = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -278,6 +279,22 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class Progress:
+    """Off a terminal (SLURM, nohup: no progress bar) a log line with the count and its total
+    at least every ``every`` seconds; on a terminal the bar says it."""
+
+    def __init__(self, desc: str, total: int, every: float = 30.0):
+        self.desc, self.total, self.every = desc, total, every
+        self.done, self.last = 0, time.monotonic()
+        self.quiet = sys.stderr.isatty()
+
+    def add(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        if not self.quiet and time.monotonic() - self.last >= self.every and self.done < self.total:
+            log.info(f"{self.desc}: {self.done}/{self.total} images")
+            self.last = time.monotonic()
+
+
 def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str,
                 map_shape: tuple | None = None) -> FeatureStore:
     """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
@@ -291,8 +308,11 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype)) if world.main else None
         try:
             skipped = []
+            report = Progress(desc, rows) if world.main else None
             for fmap, v0, labels in tqdm(batches(skipped), desc=desc, leave=False, dynamic_ncols=True,
                                          disable=None if world.main else True):
+                if report is not None:
+                    report.add(len(labels) * world.size)
                 if map_shape == NO_MAPS:  # a store of v0 alone: the maps are neither gathered nor written
                     fmap = fmap.new_zeros(len(fmap), 0)
                 if world.many:

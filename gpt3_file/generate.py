@@ -18,11 +18,13 @@ Requires ``pip install openai`` (an optional dependency, only this script uses i
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
+import socket
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,28 @@ def class_names(args) -> tuple[str, list[str]]:
     return args.name or cfg.dataset, read_coop_dataset(cfg.dataset, cfg.data_path).classnames
 
 
+CONNECT_TIMEOUT = 5.0   # seconds to open a connection before the endpoint counts as silent
+
+
+def reachable(base_url: str, timeout: float) -> None:
+    """A refused connection or an unknown host is final: one line now, not minutes of the
+    client's retries (which stay for timeouts, rate limits and server errors). Through a proxy
+    (HTTPS_PROXY, ...) the proxy is what must answer."""
+    url = urllib.parse.urlsplit(base_url)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except socket.gaierror:
+        raise RaftError(f"cannot reach {base_url}: the host {target.hostname} is unknown (no network, or a typo in "
+                        f"--base-url)") from None
+    except ConnectionRefusedError:
+        raise RaftError(f"cannot reach {base_url}: {target.hostname}:{port} refused the connection") from None
+    except OSError:
+        return   # a timeout or a slow network: the client's own retries decide
+
+
 class Asker:
     """One chat-completions request per call; malformed answers are retried here, transport
     and rate-limit errors by the openai client (exponential back-off)."""
@@ -80,6 +104,7 @@ class Asker:
         self.key = api_key
         self.client = openai.OpenAI(api_key=api_key, base_url=args.base_url, max_retries=args.max_retries,
                                     timeout=args.timeout)
+        reachable(str(self.client.base_url), min(args.timeout, CONNECT_TIMEOUT))
         self.model, self.temperature = args.model, args.temperature
         self.malformed_retries, self.delay = args.max_retries, args.retry_delay
 
@@ -135,7 +160,7 @@ def describe(asker: Asker, classname: str, questions: list[str], n: int) -> list
 
 
 def main(argv: list[str] | None = None):
-    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--classes", nargs="+", help="class names")
     source.add_argument("--classnames", help="a text file with one class name per line")
@@ -146,13 +171,15 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--question", action="append", help=f"question template, repeatable (default: "
                                                             f"'{DEFAULT_QUESTION}')")
     parser.add_argument("--n", type=bounded(int, 1, 100), default=10, help="descriptions per class (1 to 100)")
-    parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
+    parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
+                        help="the chat model ($OPENAI_MODEL, else gpt-4o-mini)")
     parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"),
                         help="any OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI's)")
     parser.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY (prefer the variable: "
                                                         "command lines are visible to other users)")
-    parser.add_argument("--temperature", type=bounded(float, 0, 2), default=0.8)
-    parser.add_argument("--max-retries", type=bounded(int, 0, 20), default=5)
+    parser.add_argument("--temperature", type=bounded(float, 0, 2), default=0.8, help="sampling temperature (0 to 2)")
+    parser.add_argument("--max-retries", type=bounded(int, 0, 20), default=5,
+                        help="retries of a request that timed out, was rate-limited (429) or failed (5xx)")
     parser.add_argument("--retry-delay", type=bounded(float, 0, 600), default=2.0,
                         help="first back-off for malformed answers (s)")
     parser.add_argument("--timeout", type=bounded(float, 0.1, 3_600), default=60.0, help="seconds per request")

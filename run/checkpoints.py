@@ -25,7 +25,8 @@ CHECKPOINT_FORMAT = 3
 
 def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: FrozenCLIP, trained: DatasetSplits,
                     text: torch.Tensor, train_seconds: float | None, fewshot_sha256: str | None,
-                    train_data_sha256: str | None, imported_from: dict | None = None) -> None:
+                    train_data_sha256: str | None, imported_from: dict | None = None,
+                    history: list[dict] | None = None) -> None:
     """The region pool plus what using it needs without the dataset: the class names and the
     text classifier of the classes it was trained on (predict.py, visualize.py; the base
     classes for base-to-new), the dataset (evaluating it elsewhere is a transfer), and a
@@ -36,7 +37,8 @@ def save_checkpoint(path: Path, pool: torch.nn.Module, cfg: Config, clip: Frozen
                       "classnames": list(trained.classnames), "text": text.detach().cpu(),
                       "trunk_batchnorm": measured, "train_seconds": train_seconds,
                       "fewshot_sha256": fewshot_sha256, "train_data_sha256": train_data_sha256,
-                      **({"imported_from": imported_from} if imported_from else {})})
+                      **({"imported_from": imported_from} if imported_from else {}),
+                      **({"history": history} if history is not None else {})})
 
 
 def is_int(value) -> bool:
@@ -110,7 +112,8 @@ def validate_checkpoint(ckpt, path: Path) -> dict:
              "seconds"),
             ("fewshot_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256"),
             ("train_data_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256"),
-            ("imported_from", lambda v: isinstance(v, dict), "where it was imported from")):
+            ("imported_from", lambda v: isinstance(v, dict), "where it was imported from"),
+            ("history", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "per-epoch rows")):
         if field in ckpt and not ok(ckpt[field]):
             bad(field, expected)
     classes = ckpt.get("num_classes")

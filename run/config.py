@@ -156,6 +156,8 @@ SCHEMA: dict[str, Key] = {
                                      "per image computed once and cycled through the epochs", True,
                        *span(0, 100, True, "each view is a trunk pass and a stored copy of every image's features")),
     "output_dir": Key((str,), "output", "root of the run folders"),
+    "tensorboard": Key((bool,), False, "also log each epoch's loss terms, train accuracy, lr and seconds to "
+                                       "<run folder>/tensorboard (needs the optional tensorboard package)"),
     "name": Key((str,), None, "tag of the run folder after <backbone>_<shots>shots_seed<seed>: null = the training "
                               "settings given on the command line that differ from the config file "
                               "(e.g. _lr=0.0002); '' = no tag", True),
@@ -374,20 +376,24 @@ def check_outside_data(cfg: Config) -> None:
                             f"or set --{key} elsewhere")
 
 
-def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
-    """Fixed flags plus ``--<config key> <value>`` for every schema key."""
+def parse_args(argv: list[str] | None, description: str, evaluates: bool = True,
+               prog: str | None = None) -> tuple[Config, argparse.Namespace]:
+    """Fixed flags plus ``--<config key> <value>`` for every schema key. ``evaluates``: the
+    entry point can evaluate a trained checkpoint (--eval-only, --checkpoint)."""
     keys = "\n".join(f"  --{name} (default {key.default!r}): {key.help}" for name, key in SCHEMA.items())
     parser = ToolParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description,
         epilog=f"Any config key overrides the YAML: --shots 4 --lr 2e-4 --backbone RN101 ...\n\n"
                f"config keys:\n{keys}",
     )
     parser.add_argument("--config", required=True, help="YAML file with the dataset's settings")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate a trained region pool, no training")
-    parser.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run folder's own)")
+    if evaluates:
+        parser.add_argument("--eval-only", action="store_true", help="evaluate a trained region pool, no training")
+        parser.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run folder's own)")
     parser.add_argument("--force", action="store_true", help="run again even if results.json exists")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     flags, rest = parser.parse_known_args(argv)
+    flags.eval_only, flags.checkpoint = getattr(flags, "eval_only", False), getattr(flags, "checkpoint", None)
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(rest):
@@ -415,6 +421,7 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argpar
 # --------------------------------------------------------------------------- which settings train
 # Keys that do not change what training computes: a run may resume under new values.
 NOT_TRAINING_KEYS = {"device", "num_workers", "eval_batch_size", "feature_cache", "bad_images", "save_every",
+                     "tensorboard",
                      "cache_dir", "output_dir", "search_low", "search_high", "search_step", "alpha",
                      "shift_sets", "val_per_class", "num_classes", "data_path", "name", "baselines", "dist_timeout",
                      "dist_exact"}

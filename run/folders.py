@@ -102,7 +102,7 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
             raise RaftError(f"checkpoint {ckpt_path} records no dataset it was trained on (written by an older "
                             f"version): it can only be evaluated on its own classes; train it again to transfer it")
         run_dir = ckpt_path.parent
-        log = setup_logging(run_dir / "log.txt")
+        log = setup_logging(run_dir / ("log.txt" if same else f"log_transfer_{data.name}.txt"))   # a transfer: its own
         cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
         check_backbone(ckpt, ckpt_path, cfg)
         if same:  # its classes are checked against the task's (make_task); each purpose its own file

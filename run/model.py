@@ -45,7 +45,8 @@ def load_frozen_clip(cfg: Config, images: ImageSets, plan: RunPlan, device: torc
 
 def task_texts(clip: FrozenCLIP, cfg: Config, task: Task, device: torch.device, log) -> tuple[torch.Tensor, dict]:
     """The text matrix of the trained classes, and of each scored class set."""
-    texts = {id(view): build_text(clip, view, cfg, log).to(device) for view in (task.train, *task.targets.values())}
+    views = {id(view): view for view in (task.train, *task.targets.values())}   # each class set once
+    texts = {key: build_text(clip, view, cfg, log).to(device) for key, view in views.items()}
     return texts[id(task.train)], {name: texts[id(view)] for name, view in task.targets.items()}
 
 

@@ -30,11 +30,12 @@ def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
     if not source_results.is_file():
         raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
                         f"(finish that run first, or pass a fixed --alpha)")
-    return float(read_results(source_results)["alpha"]), f"source run ({source_results})"
+    return float(read_results(source_results)["alpha"]), f"the source run, {source_results}"
 
 
 def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, numerics: dict,
-                  baselines: dict | None, train_seconds: float | None, device: torch.device) -> dict:
+                  baselines: dict | None, train_seconds: float | None, device: torch.device,
+                  history: list[dict] | None = None) -> dict:
     metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
     results = {
         "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
@@ -44,6 +45,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "val_source": evaluation["val_source"],
         "text_source": text_source(cfg, data), "lr_schedule": "published",
         **({"imported_from": plan.ckpt["imported_from"]} if plan.ckpt and "imported_from" in plan.ckpt else {}),
+        **({"history": history} if history else {}),
         **({"split_file": str(data.split_file)} if data.split_file else {}),
         **({"split": data.split_record()} if data.split_record() else {}),
         "protocol": "cross_dataset" if plan.transfer_from is not None else cfg.protocol,
@@ -56,6 +58,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": dict(cfg),
+        "provenance": provenance(device),
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
@@ -63,8 +66,9 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
     if not WORLD.main:  # one writer; every process holds the same numbers
         return results
     write_json(plan.results_path, results)
-    log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  fine-tuned only {results['finetuned_acc']:.2f}%  "
-             f"RAFT {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} ({results['alpha_source']})  "
+    hm = " HM of base and new" if "base2new" in results else ""
+    log.info(f"zero-shot{hm} {results['zero_shot_acc']:.2f}%  fine-tuned only{hm} {results['finetuned_acc']:.2f}%  "
+             f"RAFT{hm} {results['test_acc']:.2f}% at alpha={results['alpha']:.2f} from {results['alpha_source']}  "
              f"[oracle {results['oracle']['test_acc']:.2f}% at alpha={results['oracle']['alpha']:.2f}]  "
              f"cos(v_cls, v_bg) {results['cls_bg_cosine']:.4f}")
     for name, r in (results.get("shift", {}) | results.get("base2new", {})).items():
@@ -95,3 +99,34 @@ def text_note(results: dict, dataset: str) -> str:
     used = "templates" if source["kind"] == "templates" else f"descriptions {Path(source['file']).name}"
     return (f"; text: {used}, not the published descriptions (python scripts/get_files.py {dataset} "
             f"fetches them)")
+
+
+def provenance(device: torch.device) -> dict:
+    """What produced the numbers: the code's git commit (and whether the tree had changes), the
+    libraries' versions, the threads and the device, the command line."""
+    import subprocess
+    import sys
+
+    import numpy
+    import open_clip
+    import PIL
+    import torchvision
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None,
+            "python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "open_clip": open_clip.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(),
+            "command": [sys.executable, *sys.argv]}

@@ -30,7 +30,7 @@ DATASETS = ["caltech101", "dtd", "eurosat", "fgvc", "food101", "imagenet", "oxfo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ToolParser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("datasets", nargs="*", metavar="DATASET", help=f"default: all ({', '.join(DATASETS)})")
     parser.add_argument("--data_root", help="one folder for all datasets; default: each config's data_path")
     parser.add_argument("--full", action="store_true", help="decode every image (default: a sample)")

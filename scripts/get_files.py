@@ -28,7 +28,7 @@ DATASETS = sorted({f.dataset for f in PUBLISHED_FILES})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ToolParser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("datasets", nargs="*", metavar="DATASET", help=f"default: all ({', '.join(DATASETS)})")
     parser.add_argument("--data_root", help="one folder for all datasets (as DATA= of the sweeps); default: each "
                                             "config's data_path")

@@ -34,9 +34,10 @@ from utils import RaftError, ToolParser, printable, run_main, setup_logging, tor
 
 
 def main(argv: list[str] | None = None):
-    parser = ToolParser(description=__doc__, add_help=True, usage="import_published.py CHECKPOINT --config FILE "
-                                                                  "[--key value ...]")
+    parser = ToolParser(description=__doc__, usage="import_published.py CHECKPOINT --config FILE [--key value ...]",
+                        epilog="Every config key of main.py is accepted (python main.py --help lists them).")
     parser.add_argument("checkpoint", help="a .pth file written by the published code's save_model")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args, rest = parser.parse_known_args(argv)
     given = {token[2:].split("=")[0].replace("-", "_") for token in rest if token.startswith("--")}
     rest = [*rest, *(["--name", "published"] if "name" not in given else []),

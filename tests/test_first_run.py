@@ -173,7 +173,7 @@ def test_other_training_settings_get_their_own_run_folder(dtd, tmp_path, capsys)
     assert len(long) == 1 and len(long[0]) < 100 and "lr=0.0002" in long[0]
     # summarize keeps the settings apart
     code, text, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
-    assert code == 0 and "RAFT, tiny-rn_lr=0.0002_lambda2=1: 1 runs" in text and "tiny-rn_warmer" in text
+    assert code == 0 and "RAFT, tiny-rn_lr=0.0002_lambda2=1: 1 run\n" in text and "tiny-rn_warmer" in text
 
 
 def test_a_checkpoint_with_other_settings_names_them(dtd, tmp_path, capsys):

@@ -131,3 +131,18 @@ def test_an_answer_holding_the_api_key_is_never_written(endpoint, tmp_path, caps
     assert code == 2 and "answer contains your API key" in text and KEY not in text
     assert KEY not in out.read_text() and set(json.loads(out.read_text())) == {"wren"}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("url,fragment", [("refused", "refused the connection"),
+                                          ("http://no-such-host.invalid/v1", "is unknown")])
+def test_a_refused_connection_or_an_unknown_host_fails_in_seconds(tmp_path, capsys, monkeypatch, url, fragment):
+    import socket
+    import time
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    if url == "refused":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    start = time.monotonic()
+    code, text = generate_cli(url, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
+    assert code == 2 and fragment in text and time.monotonic() - start < 10

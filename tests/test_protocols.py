@@ -103,7 +103,9 @@ def test_transfer_uses_the_targets_classes_and_the_sources_alpha(pets, dtd47, tm
     s = json.loads((source / "results.json").read_text())
     assert t["protocol"] == "cross_dataset" and t["source"]["dataset"] == "oxford_pets"
     assert t["num_classes"] == 47 and t["sizes"]["test"] == 94 and t["alpha"] == s["alpha"]
-    assert t["alpha_source"].startswith("source run")
+    assert t["alpha_source"].startswith("the source run, ")
+    assert (source / "log_transfer_dtd.txt").is_file()                       # the transfer logs apart
+    assert "cross-dataset transfer" not in (source / "log.txt").read_text()
     # bad inputs: another backbone, a checkpoint that does not say where it was trained
     code, _, err = cli([*common, "--eval-only", "--checkpoint", ckpt, "--backbone", "tiny-vit"], capsys)
     one_line_error(code, err, "trained with backbone tiny-rn, this run uses tiny-vit")
@@ -218,10 +220,10 @@ def test_summary_tables_of_the_protocols(tmp_path, capsys):
     code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys, entry="summarize")
     assert code == 0, err
     b2n = (tmp_path / "sum" / "summary_RN50_base2new.md").read_text()
-    assert "| dtd | 81.00 ± 1.41 | 61.00 ± 1.41 |" in b2n and "11-dataset average appears once all 11" in b2n
+    assert "| dtd | 16 | 81.00 ± 1.00 | 61.00 ± 1.00 |" in b2n and "11-dataset average appears once all 11" in b2n
     rows = (tmp_path / "sum" / "summary_RN50_base2new.csv").read_text().splitlines()   # the group's own table
-    assert rows[0].startswith("group,dataset,runs,base,new,hm")
+    assert rows[0].startswith("group,dataset,shots,runs,base,new,hm")
     transfer = (tmp_path / "sum" / "summary_RN50.md").read_text()
-    assert "| source: imagenet | dtd | eurosat | target average |" in transfer
-    assert "| 61.50 ± 0.71 | 41.50 ± 0.71 | 31.50 ± 0.71 | 36.50 ± 0.71 |" in transfer
-    assert "RN50,imagenet,target_average,2,36.5000" in (tmp_path / "sum" / "summary_RN50_transfer.csv").read_text()
+    assert "| source | shots | source test | dtd | eurosat | target average |" in transfer
+    assert "| imagenet | 16 | 61.50 ± 0.50 | 41.50 ± 0.50 | 31.50 ± 0.50 | 36.50 ± 0.50 |" in transfer
+    assert "RN50,imagenet,16,target_average,2,36.5000" in (tmp_path / "sum" / "summary_RN50_transfer.csv").read_text()

@@ -74,3 +74,19 @@ def test_test_imagenet_honours_data(tmp_path):
     subprocess.run(["bash", str(ROOT / "scripts/test_imagenet.sh"), "ck.pt"], env=dict(os.environ, PYTHON=str(fake),
                    DATA="/data/root"), check=True, timeout=30)
     assert "--data_path /data/root/imagenet" in calls.read_text()
+
+
+@pytest.mark.parametrize("tool", ["predict.py", "visualize.py", "summarize.py", "gpt3_file/generate.py",
+                                  "bench/bench_speed.py", "baselines/run.py", "scripts/get_files.py",
+                                  "scripts/check_data.py", "scripts/import_published.py"])
+def test_every_tool_shows_its_defaults_and_its_own_text(tool, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"tool_{tool.replace('/', '_')[:-3]}", ROOT / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and "(default:" in text.replace("\n", " ")
+    if tool == "baselines/run.py":
+        assert "usage: baselines/run.py" in text and "--eval-only" not in text and "Run only the baselines" in text

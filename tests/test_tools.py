@@ -86,6 +86,17 @@ def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_roo
     assert [p.stem for p in pngs] == sorted(p.stem for p in paths)
     with Image.open(pngs[0]) as img:
         assert img.format == "PNG" and img.width > 3 * img.height
+    # two folders with the same file name: the outputs keep the folders, never photo_.png
+    for folder in ("a", "b"):
+        (tmp_path / "same" / folder).mkdir(parents=True)
+        shutil.copy(paths[0], tmp_path / "same" / folder / "photo.jpg")
+    code, out, err = cli("visualize", [str(trained), str(tmp_path / "same"), "--out", str(tmp_path / "vis2")], capsys)
+    assert code == 0, err
+    assert sorted(str(p.relative_to(tmp_path / "vis2")) for p in (tmp_path / "vis2").rglob("*.png")) == \
+        ["a/photo.png", "b/photo.png"]
+    import visualize
+    truth = visualize.true_labels(run)                          # the run's own dataset labels its images
+    assert truth[str(paths[0].resolve())] == "yellow star"
 
 
 def fake_results(root: Path, dataset: str, shots: int, seed: int, acc: float, zero: float = 40.0,
@@ -105,10 +116,10 @@ def test_summary_puts_backbones_side_by_side(tmp_path, capsys):
     assert code == 0, err
     md = (tmp_path / "sum" / "summary_all.md").read_text()
     assert "| backbone | setting | shots | dtd | Average |" in md
-    assert "| RN50 | – | 16 | 71.50 ± 0.71 | 71.50 |" in md and "| ViT-B-16 | – | 16 | 76.50 ± 0.71 | 76.50 |" in md
+    assert "| RN50 | – | 16 | 71.50 ± 0.50 | 71.50 |" in md and "| ViT-B-16 | – | 16 | 76.50 ± 0.50 | 76.50 |" in md
     assert "| ViT-B-16 | – | zero-shot | 45.00 ± 0.00 | 45.00 |" in md
     rows = (tmp_path / "sum" / "summary_all.csv").read_text().splitlines()
-    assert rows[0] == "backbone,group,dataset,shots,runs,mean,std" and "ViT-B-16,ViT-B-16,dtd,16,2,76.5000,0.7071" in rows
+    assert rows[0] == "backbone,group,dataset,shots,runs,mean,std" and "ViT-B-16,ViT-B-16,dtd,16,2,76.5000,0.5000" in rows
     assert (tmp_path / "sum" / "summary_RN50.md").is_file() and (tmp_path / "sum" / "summary_ViT-B-16.md").is_file()
 
 
@@ -124,12 +135,21 @@ def test_summary_table_csv_and_plot(tmp_path, capsys):
     assert code == 0, err
     md = (tmp_path / "sum" / "summary.md").read_text()
     assert "| shots | dtd | eurosat | Average |" in md
-    assert "| 16 | 72.00 ± 2.00 | 82.00 ± 2.00 | 77.00 |" in md
+    assert "| 16 | 72.00 ± 1.63 | 82.00 ± 1.63 | 77.00 |" in md      # numpy's (population) std, as CoOp's tables
     assert "| 1 | 50.00 | – | – |" in md                           # a gap, and no average over a gap
     assert "| zero-shot | 40.00 ± 0.00 | 40.00 ± 0.00 | 40.00 |" in md
+    assert "std: the population standard deviation" in md
     rows = (tmp_path / "sum" / "summary.csv").read_text().splitlines()
     assert rows[0] == "group,dataset,shots,runs,mean,std,zero_shot_mean"
-    assert "RN50,eurosat,16,3,82.0000,2.0000,40.0000" in rows and not any(",eurosat,1," in r for r in rows)
+    assert "RN50,eurosat,16,3,82.0000,1.6330,40.0000" in rows and not any(",eurosat,1," in r for r in rows)
+    tex = (tmp_path / "sum" / "summary.tex").read_text()
+    assert "\\begin{tabular}" in tex and "72.00 $\\pm$ 1.63" in tex
+    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sample"), "--no-plot", "--std", "sample"],
+                         capsys)
+    assert "| 16 | 72.00 ± 2.00 | 82.00 ± 2.00 | 77.00 |" in (tmp_path / "sample" / "summary.md").read_text()
+    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "ci"), "--no-plot", "--ci95"], capsys)
+    ci = (tmp_path / "ci" / "summary.md").read_text()
+    assert "| 16 | 72.00 ± 1.85 | 82.00 ± 1.85 | 77.00 |" in ci and "95% confidence interval" in ci
     with Image.open(tmp_path / "sum" / "summary.png") as img:
         assert img.format == "PNG"
     assert "skipping" in err and "broken" in err

@@ -1,0 +1,157 @@
+"""Reading run folders into records, grouped so that nothing but seeds is ever averaged.
+
+A group is one run-folder name without its shots and seed (backbone, cached views,
+protocol, tag). Inside a group, a table cell is one dataset (on one set of data) at one shot
+count: runs in it differ in their seed alone. Two runs of one dataset on different data (a
+subset of ImageNet's classes, another split) get different columns; a seed that appears twice
+in a cell is reported.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from run.config import CONFIG_DIR, NOT_TRAINING_KEYS, file_values
+
+PROTOCOLS = ("fewshot", "base2new", "transfer", "methods")
+
+
+def group_of(run_dir: Path) -> str:
+    """The run folder's name without shots and seed: backbone and settings (RN50_views10_lr=0.0002)."""
+    return re.sub(r"_\d+shots_seed\d+", "", run_dir.name)
+
+
+def read_results(path: Path) -> dict | None:
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        float(r["test_acc"]), float(r["zero_shot_acc"]), int(r["shots"]), r["dataset"], r["backbone"]
+        return r
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        print(f"skipping {path}: not a RAFT results file ({type(exc).__name__})", file=sys.stderr)
+        return None
+
+
+def data_id(r: dict) -> str:
+    """What data a run used, short: the SHA-256 of its class names and split lists (results of
+    this version), else its split file's, else its class count."""
+    if r.get("data_sha256"):
+        return r["data_sha256"][:8]
+    files = (r.get("split") or {}).get("files") or []
+    return files[0]["sha256"][:8] if files else f"{r.get('num_classes', '?')}c"
+
+
+def text_label(r: dict) -> str:
+    """The text source, short: the description file's git blob id, or 'templates' (runs before
+    the text source was recorded: 'unrecorded')."""
+    source = r.get("text_source")
+    if not source:
+        return "unrecorded"
+    return f"descriptions {source['git_blob'][:7]}" if source.get("kind") == "descriptions" else "templates"
+
+
+def record(r: dict, path: Path) -> dict:
+    return {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"], "backbone": r["backbone"],
+            "acc": float(r["test_acc"]), "zero_shot": float(r["zero_shot_acc"]), "data": data_id(r),
+            "classes": r.get("num_classes"), "text": text_label(r), "folder": str(path.parent),
+            "config": r.get("config"), "history": r.get("history"),
+            "shift": {k: (float(v["test_acc"]), float(v["zero_shot_acc"])) for k, v in (r.get("shift") or {}).items()}}
+
+
+def method_row(r: dict, base: dict, raft: float | None) -> dict:
+    """Each method's test accuracy in one run (RAFT's too when it ran)."""
+    accs = {name: float(m["test_acc"]) for name, m in r["baselines"].items()}
+    if raft is not None:
+        accs["raft"] = raft
+    return base | {"accs": accs}
+
+
+def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
+    """Every results file under ``root``, grouped by run-folder group, then by protocol; the
+    domain-shift evaluations (results_shift.json; results_eval.json of earlier versions) and the
+    transfers (transfer_<dataset>.json) beside a run join its record."""
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {p: [] for p in PROTOCOLS})
+    for path in sorted(root.rglob("baselines.json")):   # baselines/run.py, where RAFT has not run (yet)
+        if not (path.parent / "results.json").is_file():
+            try:
+                b = json.loads(path.read_text(encoding="utf-8"))
+                if b.get("protocol", "fewshot") == "fewshot":
+                    base = {"dataset": b["dataset"], "shots": int(b["shots"]), "seed": b["seed"], "data": data_id(b),
+                            "classes": b.get("num_classes"), "text": text_label(b), "folder": str(path.parent)}
+                    groups[group_of(path.parent)]["methods"].append(method_row(b, base, None))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                print(f"skipping {path}: not a baselines file", file=sys.stderr)
+    for path in sorted(root.rglob("results.json")):
+        r = read_results(path)
+        if r is None:
+            continue
+        row = record(r, path)
+        group = groups[group_of(path.parent)]
+        if r.get("protocol") == "base2new":
+            parts = r["base2new"]
+            group["base2new"].append(row | {part: (float(parts[part]["test_acc"]), float(parts[part]["zero_shot_acc"]))
+                                            for part in ("base", "new")})
+            continue
+        for name in ("results_shift.json", "results_eval.json"):
+            evaluated = path.parent / name
+            if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
+                row["shift"] = record(again, evaluated)["shift"]
+        group["fewshot"].append(row)
+        if r.get("baselines"):
+            group["methods"].append(method_row(r, row, row["acc"]))
+        for transfer in sorted(path.parent.glob("transfer_*.json")):
+            t = read_results(transfer)
+            if t is not None:
+                group["transfer"].append(row | {"target": t["dataset"], "target_acc": float(t["test_acc"]),
+                                                "target_zero_shot": float(t["zero_shot_acc"])})
+    for protocols in groups.values():
+        label_data(protocols)
+    return groups
+
+
+def label_data(protocols: dict[str, list[dict]]) -> None:
+    """A dataset seen on more than one set of data in a group gets one column per set: its
+    name, its class count and its data id (never averaged together)."""
+    seen: dict[str, set] = defaultdict(set)
+    for rows in protocols.values():
+        for row in rows:
+            seen[row["dataset"]].add(row["data"])
+    for rows in protocols.values():
+        for row in rows:
+            row["name"] = row["dataset"]
+            if len(seen[row["dataset"]]) > 1:
+                row["dataset"] = f"{row['dataset']} [{row['classes']} classes, data {row['data']}]"
+
+
+def repeated_seeds(rows: list[dict], *key: str) -> list[str]:
+    """Cells (``key`` + dataset + shots) in which a seed appears more than once."""
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        cells[(r["dataset"], r["shots"], *(r[k] for k in key))].append(r)
+    notes = []
+    for cell, runs in cells.items():
+        counts: dict = defaultdict(list)
+        for r in runs:
+            counts[r["seed"]].append(r["folder"])
+        for seed, folders in counts.items():
+            if len(folders) > 1:
+                notes.append(f"seed {seed} appears {len(folders)} times for {cell[0]} at {cell[1]} shots "
+                             f"({', '.join(folders)})")
+    return notes
+
+
+def tag_settings(rows: list[dict]) -> dict[str, str]:
+    """What a group's tag stands for: the training settings its runs have that their dataset's
+    config file does not (the tag abbreviates them when long, `…_and2more-<hash>`)."""
+    for r in rows:
+        config = r.get("config")
+        path = CONFIG_DIR / f"{r.get('name', r['dataset'])}.yaml"
+        if not config or not path.is_file():
+            continue
+        defaults = file_values(path)
+        changed = {k: v for k, v in config.items() if k not in NOT_TRAINING_KEYS | {"name", "backbone", "shots", "seed"}
+                   and k in defaults and defaults[k] != v}
+        return {k: str(v) for k, v in changed.items()}
+    return {}
