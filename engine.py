@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+import utils
 from baselines.measure import measure_baselines
 from clip.reference import make_region_pool, never_moved
 from datasets import DatasetSplits
@@ -29,6 +30,7 @@ from run.model import Model, build_model
 from run.results import write_results
 from run.task import make_task, sample_images
 from training import train_or_load
+from utils import PhaseClock
 
 
 def pool_numerics(model: Model, cfg: Config, plan: RunPlan) -> dict:
@@ -46,18 +48,21 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> dict | N
     Safe to kill at any moment: started again with the same command it resumes training
     from its last saved state (training.py), or evaluates the finished checkpoint."""
     check_global_batch(cfg, start_processes(cfg.device, cfg.dist_timeout))
-    plan = plan_run(cfg, flags, data)
+    clock = utils.CLOCK = PhaseClock()            # each phase's time and memory (results.json → phases)
+    plan = clock.measure("plan_run", plan_run, cfg, flags, data)
     if plan is None:
         return None
     cfg = plan.cfg
     device, use_amp = choose_device(cfg, plan)
     task = make_task(cfg, data, plan)
-    images = sample_images(cfg, data, task, plan)
-    model = build_model(cfg, data, task, images, plan, device)
-    train_seconds, history = train_or_load(model, cfg, data, task, images, plan, device, use_amp)
-    evaluation = evaluate_run(model, cfg, data, task, images, plan, device, use_amp)
+    images = clock.measure("sample_images", sample_images, cfg, data, task, plan)
+    model = clock.measure("build_model", build_model, cfg, data, task, images, plan, device)
+    train_seconds, history = clock.measure("train_or_load", train_or_load, model, cfg, data, task, images, plan,
+                                           device, use_amp)
+    evaluation = clock.measure("evaluate_run", evaluate_run, model, cfg, data, task, images, plan, device, use_amp)
     numerics = pool_numerics(model, cfg, plan)
-    baselines = measure_baselines(model, cfg, data, task, images, evaluation, plan, device, use_amp)
+    baselines = clock.measure("measure_baselines", measure_baselines, model, cfg, data, task, images, evaluation,
+                              plan, device, use_amp)
     return write_results(cfg, data, plan, evaluation, numerics, baselines, train_seconds, device, history)
 
 

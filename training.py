@@ -24,6 +24,7 @@ from features import LiveSource, ReferenceSource, ViewSource, share_rounding
 from loss import cosine_logits, raft_loss, reference_loss
 from run.checkpoints import load_pool_state, save_checkpoint
 from run.config import Config, check_values, describe_changes, settings_differ
+import utils
 from run.distributed import WORLD
 from utils import RaftError, atomic_write, autocast, set_seed, torch_load, torch_save, write_yaml
 
@@ -378,13 +379,16 @@ def train_or_load(model: Model, cfg: Config, data: DatasetSplits, task: Task, im
     set_seed(cfg.seed)
     start = time.perf_counter()
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, amp=use_amp, num_workers=cfg.num_workers)
-    if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
-        source = ViewSource(model.clip, images.train, cfg.train_views, cache_dir=cfg.cache_dir,
-                            name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
-    else:                # decodes every training image up front: a bad one stops the run here
-        source = (ReferenceSource if cfg.augment == "reference" else LiveSource)(model.clip, images.train, **common)
+    with utils.CLOCK.section("training images"):
+        if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
+            source = ViewSource(model.clip, images.train, cfg.train_views, cache_dir=cfg.cache_dir,
+                                name=f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}", **common)
+        else:                # decodes every training image up front: a bad one stops the run here
+            source = (ReferenceSource if cfg.augment == "reference" else LiveSource)(model.clip, images.train,
+                                                                                     **common)
     prepare_seconds = time.perf_counter() - start
-    stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
+    with utils.CLOCK.section("training loop"):
+        stats = train_pool(model.pool, model.text, source, cfg, device, log, plan.state_path)
     train_seconds = prepare_seconds + stats["seconds"]
     if world.main:
         write_history(plan.run_dir / "history.csv", stats["history"])

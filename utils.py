@@ -19,8 +19,9 @@ import random
 import sys
 import tempfile
 import threading
+import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -264,6 +265,67 @@ def sha256_text(*parts: Any) -> str:
     UTF-8 hash as their bytes."""
     blob = name_bytes(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str))
     return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------- what each phase costs
+class PhaseClock:
+    """Wall-clock, user and system CPU seconds (this process and the workers it reaped) and
+    peak resident memory of named phases of a run (``results.json`` → ``phases``;
+    bench/bench_scale.py reads them). Peak memory is the phase's own where Linux lets a
+    process reset its high-water mark, else the process's so far."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+
+    @staticmethod
+    def _usage() -> tuple[float, float]:
+        import resource
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
+
+    @staticmethod
+    def _reset_peak() -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+
+    @staticmethod
+    def _peak_mb() -> float | None:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        try:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        except (ImportError, OSError):
+            return None
+
+    @contextmanager
+    def section(self, name: str):
+        self._reset_peak()
+        wall, (user, system) = time.perf_counter(), self._usage()
+        try:
+            yield
+        finally:
+            now_user, now_system = self._usage()
+            entry = self.phases.setdefault(name, {"wall": 0.0, "user": 0.0, "sys": 0.0, "peak_mb": 0.0})
+            entry["wall"] += time.perf_counter() - wall
+            entry["user"] += now_user - user
+            entry["sys"] += now_system - system
+            entry["peak_mb"] = max(entry["peak_mb"], self._peak_mb() or 0.0)
+
+    def measure(self, name: str, fn: Callable, *args, **kwargs):
+        with self.section(name):
+            return fn(*args, **kwargs)
+
+
+CLOCK = PhaseClock()   # the current run's; engine.run starts a fresh one
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+import utils
 from evaluation import harmonic_mean
 
 from .base import Baseline, BaselineData, accuracy
@@ -28,7 +29,7 @@ def run_baselines(names: list[str], data: BaselineData,
     for name in names:
         start = time.perf_counter()
         method = BASELINES[name]()
-        with torch.no_grad():
+        with torch.no_grad(), utils.CLOCK.section(f"baseline {name}"):
             method.fit(data)
             chosen = method.choose(data)
             result = {"hyper": chosen}

@@ -20,6 +20,7 @@ from run.distributed import choose_device
 from run.folders import RunPlan, run_dir_of, run_tag
 from run.model import Model, load_frozen_clip, task_texts
 from run.task import make_task, sample_images
+import utils
 from utils import RaftError, setup_logging, write_json
 
 if TYPE_CHECKING:
@@ -42,14 +43,15 @@ def measure_baselines(model: Model, cfg: Config, data: DatasetSplits, task: Task
     start = time.perf_counter()
     clip, logits = model.clip, evaluation["logits"]
     name = f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}"
-    # v0 only (N×D, small): stored like the views below whatever feature_cache says, which also
-    # puts torchrun's shares back in the images' order
-    store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
-                       cfg.num_workers, device, use_amp, keep_maps=False)
-    train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
-    views = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
-                       cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
-    views = torch.from_numpy(np.array(views.pooled, dtype=np.float32)).view(TIP_VIEWS, len(images.train), -1)
+    with utils.CLOCK.section("baseline features"):
+        # v0 only (N×D, small): stored like the views below whatever feature_cache says, which also
+        # puts torchrun's shares back in the images' order
+        store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
+                           cfg.num_workers, device, use_amp, keep_maps=False)
+        train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
+        views = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
+                           cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
+        views = torch.from_numpy(np.array(views.pooled, dtype=np.float32)).view(TIP_VIEWS, len(images.train), -1)
     normed = lambda x: F.normalize(x.float(), dim=-1).to(device)  # noqa: E731
     val = logits["val"]
     bdata = BaselineData(model.text[:, :-1].float(), normed(train),

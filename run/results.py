@@ -16,6 +16,7 @@ from run.checkpoints import read_results
 from run.model import text_source
 from run.config import Config
 from run.distributed import WORLD
+import utils
 from utils import RaftError, write_json
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": dict(cfg),
-        "provenance": provenance(device),
+        "provenance": provenance(device), "phases": utils.CLOCK.phases,
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
