@@ -16,9 +16,10 @@ import torch
 @dataclass
 class BaselineData:
     text: torch.Tensor                 # D×C: the class columns of the text matrix
-    train: torch.Tensor                # N×D: v0 of the few-shot images (evaluation transform)
+    train: torch.Tensor | None         # N×D: v0 of the few-shot images (evaluation transform)
     train_labels: torch.Tensor         # N
-    views: torch.Tensor                # V×N×D: v0 of V augmented views of the same images, in the same order
+    views: torch.Tensor | None         # V×N×D: v0 of V augmented views of the same images, in the same order
+    # (train and views are None when no requested method needs them: see Baseline.needs)
     val: torch.Tensor | None           # M×D (None: the dataset has no validation data)
     val_labels: torch.Tensor | None
     scale: float = 100.0               # CLIP's logit scale
@@ -37,6 +38,7 @@ class Baseline:
 
     name = ""
     note = ""   # how this implementation differs from the original, if it does
+    needs: tuple[str, ...] = ()   # the few-shot features it reads: "train" and/or "views"
 
     def fit(self, data: BaselineData) -> None:
         pass

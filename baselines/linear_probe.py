@@ -39,13 +39,16 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     optimizer = torch.optim.LBFGS([v, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=tol, tolerance_change=1e-10,
                                   history_size=20, line_search_fn="strong_wolfe")
     one_hot = F.one_hot(labels, num_classes).double()
+    # N×C work buffers, allocated once per fit: the objective runs hundreds of times, and large
+    # temporaries freed and allocated again each time cost page faults, not arithmetic
+    logits, log_p, work = (torch.empty(n, num_classes, dtype=torch.float64, device=x.device) for _ in range(3))
 
     def objective():  # the loss and its gradient written out: no autograd graph per evaluation
         w = s * v
-        logits = x @ w.T + b
-        log_p = logits.log_softmax(-1)
-        loss = -(log_p * one_hot).sum() / n + 0.5 * lam * (w * w).sum()
-        residual = (log_p.exp() - one_hot) / n           # d loss / d logits
+        torch.matmul(x, w.T, out=logits).add_(b)
+        torch.log_softmax(logits, -1, out=log_p)
+        loss = -torch.mul(log_p, one_hot, out=work).sum() / n + 0.5 * lam * (w * w).sum()
+        residual = torch.exp(log_p, out=work).sub_(one_hot).div_(n)   # d loss / d logits
         v.grad = s * (residual.T @ x + lam * w)
         b.grad = residual.sum(0)
         return loss
@@ -56,6 +59,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 class LinearProbe(Baseline):
     name = "linear_probe"
+    needs = ("train",)
 
     def fit(self, data: BaselineData) -> None:
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None

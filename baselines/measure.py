@@ -26,7 +26,7 @@ from utils import RaftError, setup_logging, write_json
 if TYPE_CHECKING:
     from run.task import ImageSets, Task
 
-from . import BaselineData, run_baselines
+from . import BASELINES, BaselineData, run_baselines
 
 TIP_VIEWS, TIP_CROP_SCALE = 10, (0.5, 1.0)   # Tip-Adapter's cache: 10 augmented views (doc/baselines.md)
 
@@ -36,26 +36,31 @@ def measure_baselines(model: Model, cfg: Config, data: DatasetSplits, task: Task
     """The baselines of ``cfg.baselines`` on this run's own ground: its few-shot images, CLIP's
     features of its val and test images (already computed for RAFT's evaluation), its text
     matrix, alpha-free selection on its validation data. Only the few-shot images' features
-    are new: once under the evaluation transform (linear probe) and for 10 augmented views
-    (Tip-Adapter), both cached."""
+    are new, and only those the requested methods read: once under the evaluation transform
+    (linear probe) and for 10 augmented views (Tip-Adapter, Tip-Adapter-F), both cached."""
     if not cfg.baselines or plan.transfer_from is not None or not images.train:
         return None
     start = time.perf_counter()
     clip, logits = model.clip, evaluation["logits"]
     name = f"{data.name}_train_{cfg.shots}shots_seed{cfg.seed}"
-    with utils.CLOCK.section("baseline features"):
-        # v0 only (N×D, small): stored like the views below whatever feature_cache says, which also
-        # puts torchrun's shares back in the images' order
-        store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
-                           cfg.num_workers, device, use_amp, keep_maps=False)
-        train = torch.from_numpy(np.array(store.pooled, dtype=np.float32))
-        views = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
-                           cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
-        views = torch.from_numpy(np.array(views.pooled, dtype=np.float32)).view(TIP_VIEWS, len(images.train), -1)
+    needs = {need for method in cfg.baselines for need in BASELINES[method].needs}
     normed = lambda x: F.normalize(x.float(), dim=-1).to(device)  # noqa: E731
+    train = views = None
+    with utils.CLOCK.section("baseline features"):   # only what the requested methods read
+        if "train" in needs:
+            # v0 only (N×D, small): stored like the views below whatever feature_cache says, which
+            # also puts torchrun's shares back in the images' order
+            store = eval_store(clip, images.train, cfg.cache_dir, f"{data.name}_train", cfg.eval_batch_size,
+                               cfg.num_workers, device, use_amp, keep_maps=False)
+            train = normed(torch.from_numpy(np.array(store.pooled, dtype=np.float32)))
+        if "views" in needs:
+            store = view_store(clip, images.train, TIP_VIEWS, cfg.seed, cfg.cache_dir, name, device, use_amp,
+                               cfg.num_workers, cfg.eval_batch_size, scale=TIP_CROP_SCALE, keep_maps=False)
+            views = normed(torch.from_numpy(np.array(store.pooled, dtype=np.float32))
+                           .view(TIP_VIEWS, len(images.train), -1))
     val = logits["val"]
-    bdata = BaselineData(model.text[:, :-1].float(), normed(train),
-                         torch.tensor([d.label for d in images.train], device=device), normed(views),
+    bdata = BaselineData(model.text[:, :-1].float(), train,
+                         torch.tensor([d.label for d in images.train], device=device), views,
                          None if val is None else val.v0.to(device), None if val is None else val.labels.to(device),
                          cfg.logit_scale, cfg.seed)
     features_seconds = time.perf_counter() - start

@@ -25,6 +25,7 @@ LR, EPS = 1e-3, 1e-4
 
 class TipAdapterF(Baseline):
     name = "tip_adapter_f"
+    needs = ("views",)
     note = "keys trained on the 10 cached augmented views (epoch e: view e mod 10), not fresh augmentations"
 
     def fit(self, data: BaselineData) -> None:

@@ -8,7 +8,9 @@ import torch
 
 from baselines import BASELINES, BaselineData, run_baselines
 from baselines.linear_probe import fit_logistic
-from baselines.tip_adapter import cache_keys, check_fits, tip_logits
+import baselines.tip_adapter as tip
+from baselines.base import accuracy
+from baselines.tip_adapter import cache_keys, check_fits, search_ab, tip_logits
 from conftest import ROOT, args_for, cli, one_line_error
 from utils import RaftError
 
@@ -70,6 +72,58 @@ def test_tip_adapter_logits_are_the_formula_and_a_zero_is_zero_shot(task):
         assert torch.allclose(tip_logits(data, test, keys, data.train_labels, a, b), direct_tip(data, test, keys, a, b),
                               atol=1e-4)
     assert torch.equal(tip_logits(data, test, keys, data.train_labels, 0.0, 5.0), data.zero_shot_logits(test))
+
+
+def published_search(data, keys):
+    """The published a, b search written out: every (b, a) in turn, one logits matrix per point
+    (``tip_logits``' arithmetic: zero-shot + a · cache term), a point replacing the best only
+    when it has strictly more correct predictions."""
+    def correct(logits):
+        return int((logits.argmax(-1) == data.val_labels).sum())
+    zero_shot = data.zero_shot_logits(data.val)
+    best = (*tip.START, correct(tip_logits(data, data.val, keys, data.train_labels, *tip.START)))
+    for b in tip.B_GRID:
+        cache = tip.cache_term(data.val, keys, data.train_labels, data.num_classes, b)
+        for a in tip.A_GRID:
+            if correct(zero_shot + a * cache) > best[2]:
+                best = (a, b, correct(zero_shot + a * cache))
+    return {"a": best[0], "b": best[1], "ab_source": "val"}
+
+
+def tip_task(classes, spread, text_noise):
+    """A task whose validation accuracy is flat over much of the grid (many ties) or peaked."""
+    train, train_labels = clustered(4, classes, 16, spread, seed=1)
+    val, val_labels = clustered(10, classes, 16, spread, seed=2)
+    gen = torch.Generator().manual_seed(4)
+    views = torch.nn.functional.normalize(train + 0.3 * torch.randn(10, *train.shape, generator=gen), dim=-1)
+    centres = torch.randn(classes, 16, generator=torch.Generator().manual_seed(0))   # clustered()'s centres
+    text = torch.nn.functional.normalize(centres.T + text_noise * torch.randn(16, classes, generator=gen), dim=0)
+    return BaselineData(text, train, train_labels, views, val, val_labels, 100.0, 1)
+
+
+def test_tip_search_chooses_what_the_published_loop_chooses(task, monkeypatch):
+    from dataclasses import replace
+    cases = [(tip_task(10, 1.2, 3.0), 0.0), (tip_task(8, 1.0, 4.0), 0.0), (task[0], 0.3),
+             (replace(tip_task(10, 0.8, 3.0), scale=0.0), 0.0)]   # no zero-shot term: every a of a b ties
+    for n, (data, spread) in enumerate(cases):   # keys: the views' mean, or moved off it (as Tip-Adapter-F's)
+        keys = torch.nn.functional.normalize(cache_keys(data.views) + spread * torch.randn(
+            data.views.shape[1:], generator=torch.Generator().manual_seed(7)), dim=-1)
+        expected = published_search(data, keys)
+        for chunk in (tip.CHUNK, 2000, 7):    # one chunk; several, blended in parts; a row at a time
+            monkeypatch.setattr(tip, "CHUNK", chunk)
+            assert search_ab(data, keys, data.train_labels) == expected, (n, chunk)
+
+
+def test_only_the_features_the_requested_methods_read_are_computed(task):
+    data, test, test_labels = task
+    for names, present in ((["zero_shot"], ()), (["linear_probe"], ("train",)), (["tip_adapter_f"], ("views",))):
+        needs = {n for name in names for n in BASELINES[name].needs}
+        assert needs == set(present)
+        partial = BaselineData(data.text, data.train if "train" in needs else None, data.train_labels,
+                               data.views if "views" in needs else None, data.val, data.val_labels)
+        out = run_baselines(names, partial, {"test_acc": (test, test_labels, None)}, LOG)
+        full = run_baselines(names, data, {"test_acc": (test, test_labels, None)}, LOG)
+        assert out[names[0]]["test_acc"] == full[names[0]]["test_acc"]
 
 
 def test_permuting_test_labels_changes_no_choice(task):
@@ -143,7 +197,11 @@ def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_pat
     assert code == 0 and "| demo | 8 | " in out and "Tip-Adapter-F" in out
 
 
-def test_base_to_new_scores_zero_shot_on_both_and_the_rest_on_base(dtd, tmp_path, capsys):
+def test_base_to_new_scores_zero_shot_on_both_and_the_rest_on_base(dtd, tmp_path, capsys, monkeypatch):
+    import baselines.measure
+    def no_views(*args, **kwargs):   # neither method reads Tip-Adapter's augmented views
+        raise AssertionError("augmented views computed for methods that do not read them")
+    monkeypatch.setattr(baselines.measure, "view_store", no_views)
     assert cli(args_for(dtd, tmp_path, "--protocol", "base2new", "--baselines", "[zero_shot, linear_probe]"),
                capsys)[0] == 0
     r = json.loads((tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_base2new" / "results.json").read_text())
