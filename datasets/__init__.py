@@ -11,7 +11,7 @@ def load_dataset(cfg) -> DatasetSplits:
     """The dataset a config names: ImageNet with the config's shift sets, your own folders,
     the generated demo (made on first use), or one of the CoOp datasets."""
     if cfg.dataset == "imagenet":
-        data = read_imagenet(cfg.data_path)
+        data = read_imagenet(cfg.data_path, cfg.cache_dir)
         wnids, names = read_classnames(data.root)
         for kind, path in cfg.shift_sets.items():  # ImageNet-V2 / -Sketch / -A / -R, with ImageNet's classes
             data.shift_sets[kind] = read_shift_set(kind, path, wnids, names)

@@ -99,10 +99,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def image_names(folder: str | Path) -> list[str]:
+    """The names of the image files directly inside ``folder``, sorted (hidden files skipped).
+    ``os.scandir`` reads each entry's type from the directory itself: one system call per
+    folder, not one ``stat`` per file (ImageNet's 1.28 M training files; doc/performance.md)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".")
+                      and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file())
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [folder / name for name in image_names(folder)]
 
 
 def inside(folder: Path, relative: str, source: str) -> str:

@@ -9,7 +9,6 @@ import torch
 from baselines import BASELINES, BaselineData, run_baselines
 from baselines.linear_probe import fit_logistic
 import baselines.tip_adapter as tip
-from baselines.base import accuracy
 from baselines.tip_adapter import cache_keys, check_fits, search_ab, tip_logits
 from conftest import ROOT, args_for, cli, one_line_error
 from utils import RaftError

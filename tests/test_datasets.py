@@ -111,6 +111,51 @@ def write_image_tree(folder: Path, classes, per_class=2):
             Image.new("RGB", (40, 40), (i * 40, 80, 120)).save(folder / c / f"{i}.JPEG")
 
 
+def test_imagenet_listing_is_cached_and_follows_every_change(tmp_path):
+    import os
+    import time
+
+    import datasets.imagenet as imagenet
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    (tmp_path / "classnames.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
+    write_image_tree(tmp_path / "images" / "train", wnids, 3)
+    write_image_tree(tmp_path / "images" / "val", wnids, 1)
+    cache, listings = tmp_path / "cache", tmp_path / "cache" / "listings"
+
+    def age():   # folders last changed a minute ago: old enough to be cached
+        for folder in (tmp_path / "images").glob("*/*"):
+            os.utime(folder, ns=(time.time_ns() - 60 * 10**9,) * 2)
+
+    def read():
+        data = read_imagenet(tmp_path, cache)
+        fresh = read_imagenet(tmp_path)
+        assert (data.train, data.test) == (fresh.train, fresh.test)
+        return sorted(os.path.basename(d.path) for d in data.train)
+
+    assert len(read()) == 9 and not listings.exists()          # just written: listed, not cached
+    age()
+    assert len(read()) == 9 and len(list(listings.iterdir())) == 2
+    calls = []
+    real = imagenet.image_names
+    imagenet.image_names = lambda folder: calls.append(folder) or real(folder)
+    try:
+        assert len(read()) == 9 and len([c for c in calls if "train" in str(c)]) == 3   # the uncached read only
+        train = tmp_path / "images" / "train"
+        changes = [lambda: write_image_tree(train, [wnids[1]], 5),                     # files added
+                   lambda: (train / wnids[0] / "0.JPEG").unlink(),                     # removed
+                   lambda: (train / wnids[2] / "1.JPEG").rename(train / wnids[2] / "9.JPEG"),   # renamed
+                   lambda: (train / wnids[2] / "9.JPEG").rename(train / wnids[2] / "9.txt")]    # no image any more
+        for change in changes:
+            change()
+            age()
+            assert read() == sorted(p.name for w in wnids for p in (train / w).iterdir() if p.suffix == ".JPEG")
+            assert len(list(listings.glob("train_*"))) == 1                        # older states removed
+        (next(listings.glob("train_*"))).write_bytes(b"\xff not json")             # a damaged cache: listed again
+        assert len(read()) == 9 and len(list(listings.glob("train_*"))) == 1
+    finally:
+        imagenet.image_names = real
+
+
 def test_imagenet_layout_and_shift_sets(tmp_path):
     wnids = ["n01440764", "n01443537", "n01484850"]
     names = ["tench", "goldfish", "great white shark"]
