@@ -199,7 +199,7 @@ class SplitFeatures:
             rows = torch.arange(len(store)) if rows is None else rows
             mine = rows[WORLD.shard(len(rows))]
             return store.batches(self.cfg.eval_batch_size, self.device, order=mine)
-        return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.image_size),
+        return live_batches(self.clip, in_classes(items, view), eval_transform(self.clip.preprocess),
                             self.cfg.eval_batch_size, self.cfg.num_workers, self.device, self.amp,
                             self.skipped[split] if self.cfg.bad_images == "skip" else None)
 

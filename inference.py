@@ -35,7 +35,7 @@ class TrainedRun:
 
     @property
     def transform(self):
-        return eval_transform(self.clip.image_size)
+        return eval_transform(self.clip.preprocess)
 
 
 def run_arguments(description: str) -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     else:
         raise RaftError(f"{run_dir} has no results.json yet: its alpha is chosen when it is evaluated")
     dev = resolve_device(device)
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone)
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights)
     if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
         restore_batchnorm(clip, ckpt["trunk_batchnorm"])
     clip = clip.to(dev)
@@ -127,12 +127,13 @@ def class_probabilities(run: TrainedRun, images: torch.Tensor) -> torch.Tensor:
 def attention_maps(run: TrainedRun, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Where each summary token attends, averaged over heads, as a probability distribution
     over the H×W grid (the feature map's cells, or a ViT's patches; the weight on the summary
-    tokens themselves is left out and the rest renormalised): the class token, the background
-    token, and CLIP's own class query (its attention pool, or its last block)."""
+    tokens themselves, where they are keys, is left out and the rest renormalised): the class
+    token, the background token, and CLIP's own query (its attention pool, its last block, or
+    its attention-pool head's latent)."""
     features, _ = run.clip.encode_image(images)
     b, side = features.shape[0], run.clip.grid
-    _, weights = run.pool.attention(features)                      # B, heads, 2, HW+2
-    grid = weights[..., 2:].mean(1)                                # B, 2, HW
-    clip_grid = run.clip.clip_attention(features)[..., 1:].mean(1)[:, 0]   # B, HW
+    _, weights = run.pool.attention(features)                      # B, heads, 2, keys
+    grid = weights[..., run.pool.summary_keys:].mean(1)           # B, 2, HW
+    clip_grid = run.clip.clip_attention(features)[..., run.clip.summary_keys:].mean(1)[:, 0]   # B, HW
     maps = {"class": grid[:, 0], "background": grid[:, 1], "clip": clip_grid}
     return {k: (v / v.sum(-1, keepdim=True)).view(b, side, side).float().cpu() for k, v in maps.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.loader import CLIP_MEAN, CLIP_STD
+from datasets.loader import Preprocess
 from inference import attention_maps, class_probabilities, image_files, load_images, load_run, run_arguments
 from datasets import load_dataset
 from utils import RaftError, atomic_write, bounded, printable, run_main
@@ -24,14 +24,15 @@ from utils import RaftError, atomic_write, bounded, printable, run_main
 PANELS = (("class", "class token"), ("background", "background token"), ("clip", "CLIP's pool"))
 
 
-def render(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path: Path, dpi: int = 100) -> None:
-    """One figure: the image, then each attention map upsampled and overlaid on it."""
+def render(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path: Path, pre: Preprocess,
+           dpi: int = 100) -> None:
+    """One figure: the image (its normalisation undone), then each attention map upsampled and overlaid on it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
     rgb = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     size = rgb.shape[:2]
     vmax = max(float(m.max()) for m in maps.values())  # one colour scale for the three maps
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None):
         known = truth.get(str(path.resolve()))
         title = (f"{printable(relative)}: predicted {run.classnames[top]}, {100 * probs[top]:.1f}%"
                  + (f"; true class {known}" if known else ""))
-        render(images[0], maps, title, target, args.dpi)
+        render(images[0], maps, title, target, run.clip.preprocess, args.dpi)
         print(printable(target))
         written += 1
     return 0 if written else 1

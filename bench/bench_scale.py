@@ -7,7 +7,7 @@
 For each class count it writes an ImageNet tree (classnames.txt, images/train/<wnid>/,
 images/val/<wnid>/; small generated JPEGs, hard-linked from a pool so that building it is
 quick while every file is decoded as a real one), runs main_imagenet.py on it in a fresh
-process (tiny random CLIP by default, every baseline on), and reads the run's own phase
+process from empty caches (tiny random CLIP by default, every baseline on), and reads the run's own phase
 clock from results.json (wall, user and system CPU seconds, peak resident memory). It prints
 one table per measure with each phase's growth exponent in the class count (log t₂/t₁ ÷
 log c₂/c₁ between the smallest and the largest count: 1 is linear, 2 quadratic), and the
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,12 +65,14 @@ def build_tree(root: Path, classes: int, train: int, test: int, size: int) -> No
 def run_once(args, classes: int, work: Path) -> dict:
     data = work / f"imagenet_{classes}"
     build_tree(data, classes, args.train_per_class, args.test_per_class, args.image_size)
-    out = work / f"out_{classes}"
+    out, cache = work / f"out_{classes}", work / f"cache_{classes}"
+    for folder in (out, cache):   # every run cold: no features, listings or text from an earlier one
+        shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "main_imagenet.py"), "--config", str(ROOT / "configs/imagenet.yaml"),
            "--data_path", str(data), "--num_classes", str(classes), "--backbone", args.backbone, "--weights", "null",
            "--calibrate_bn", "true", "--shots", str(args.shots), "--train_epoch", str(args.epochs),
            "--warmup_epoch", "1", "--val_per_class", str(args.val_per_class), "--batch_size", str(args.batch),
-           "--output_dir", str(out), "--cache_dir", str(work / f"cache_{classes}"), "--descriptions", "null",
+           "--output_dir", str(out), "--cache_dir", str(cache), "--descriptions", "null",
            "--device", args.device, "--force", "--name", "scale"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
     python bench/bench_speed.py                        # CPU, RN50 sizes, random weights
     python bench/bench_speed.py --backbone ViT-B-16    # RAFT-ViT (doc/method.md §10)
+    python bench/bench_speed.py --backbone ViT-B-16-SigLIP2   # the attention-pool head (§11)
     python bench/bench_speed.py --device cuda --batch 64 --shots 16 --classes 10
     python bench/bench_speed.py --quick                # smaller, for a first look
 
@@ -10,7 +11,8 @@ runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). 
 
 1. region pool forward+backward: the folded two-token pool vs the straightforward pool
    (ResNet: multi-head attention over all HW+2 tokens, as the reference computes it; ViT:
-   the whole last block on all N+2 tokens) — time and FLOPs (torch's FLOP counter);
+   the whole last block on all N+2 tokens; SigLIP: timm's head projecting every token to
+   keys and values) — time and FLOPs (torch's FLOP counter);
 2. training epochs (medians of 3 each, alternating): faithful mode (decode once, batched
    augmentation prepared in a background thread, the frozen trunk, CLIP's v0 and the pool
    queried for their summary tokens only, no host sync per step) vs the straightforward
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 from torch import nn  # noqa: E402
@@ -51,17 +54,20 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import engine  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
+import clip.backbone as clip_backbone  # noqa: E402
+import clip.weights as clip_weights  # noqa: E402
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
+from clip.map_pool import map_all_token_forward  # noqa: E402
 from clip.region_pool import all_token_forward  # noqa: E402
 from clip.vit_pool import vit_all_token_forward  # noqa: E402
 from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
-from datasets.loader import eval_transform, make_loader, read_rgb, train_transform  # noqa: E402
+from datasets.loader import INTERPOLATION, eval_transform, make_loader, read_rgb, train_transform  # noqa: E402
 from features import (LiveSource, ReferenceSource, ViewSource, augment, crop_params, eval_store,  # noqa: E402
                       live_batches)
 from features.decode import DECODE_MARGIN, DecodedImage  # noqa: E402
 from run.config import build_config  # noqa: E402
-from utils import ToolParser, autocast, bounded, run_main, setup_logging  # noqa: E402
+from utils import RaftError, ToolParser, autocast, bounded, run_main, setup_logging  # noqa: E402
 
 
 def sync(device):
@@ -94,29 +100,33 @@ def timed(fn, device):
 
 
 # --------------------------------------------------------------------------- the straightforward pipeline
-ALL_TOKENS = {"resnet": all_token_forward, "vit": vit_all_token_forward}
+# each family's pool computed straightforwardly: (pool, features, visual) -> (v_cls, v_bg)
+ALL_TOKENS = {"resnet": lambda pool, x, visual: all_token_forward(pool, x),
+              "vit": lambda pool, x, visual: vit_all_token_forward(pool, x),
+              "map": lambda pool, x, visual: map_all_token_forward(pool, visual, x)}
 
 
 class AllTokenPool(nn.Module):
     """The region pool computed straightforwardly: every token's output, then keep two."""
 
-    def __init__(self, pool: nn.Module, family: str):
+    def __init__(self, pool: nn.Module, clip):
         super().__init__()
-        self.pool, self.forward_all = pool, ALL_TOKENS[family]
+        self.pool, self.forward_all = pool, ALL_TOKENS[clip.family]
+        self.__dict__["visual"] = clip.model.visual
 
     def forward(self, features):
-        return self.forward_all(self.pool, features)
+        return self.forward_all(self.pool, features, self.visual)
 
 
 class StraightforwardSource:
     """Per-step decoding + PIL augmentation through a DataLoader, and the plain trunk with
     CLIP's own pooling over all tokens (ResNet: unfused NCHW stages and the attention pool;
-    ViT: the blocks, then the last block on all 1+N tokens)."""
+    ViT: the blocks, then the last block on all 1+N tokens; MAP: timm's head on all tokens)."""
 
     def __init__(self, model, items, batch_size, seed, device, amp, num_workers, clip):
         self.visual, self.device, self.amp, self.clip = model.visual.eval(), device, amp, clip
         self.batch_size, self.n = batch_size, len(items)
-        self.loader = make_loader(items, train_transform(clip.image_size), batch_size, shuffle=True,
+        self.loader = make_loader(items, train_transform(clip.preprocess), batch_size, shuffle=True,
                                   num_workers=num_workers, seed=seed, device=device)
 
     def __len__(self):
@@ -132,6 +142,8 @@ class StraightforwardSource:
             fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
             return fmap, v.attnpool(fmap)
         tokens = self.clip.trunk(images)                  # no shortcut exists for the ViT blocks
+        if self.clip.family == "map":                     # timm's own head, keys and values of every token
+            return tokens, v.head(v.trunk.forward_head(tokens))
         z = v.transformer.resblocks[-1](tokens)           # CLIP's last block on all 1+N tokens
         return tokens, v.ln_post(z[:, 0]) @ v.proj
 
@@ -156,8 +168,8 @@ def bench_pool(clip, device, batch, reps):
     pool = clip.region_pool().to(device)
     fmap = torch.randn(batch, *clip.feature_shape, device=device)
     fmap = fmap.relu() if clip.family == "resnet" else fmap     # a feature map is post-ReLU
-    all_tokens = ALL_TOKENS[clip.family]
-    fns = {"folded": lambda: pool(fmap), "all-token": lambda: all_tokens(pool, fmap)}
+    all_tokens = AllTokenPool(pool, clip)
+    fns = {"folded": lambda: pool(fmap), "all-token": lambda: all_tokens(fmap)}
 
     def step(fn):
         a, b = fn()
@@ -184,7 +196,7 @@ def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=
     pool = clip.region_pool().to(device)
     decode_s, live = timed(lambda: LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers), device)
     ref = StraightforwardSource(plain_model, items, cfg.batch_size, cfg.seed, device, amp, workers, clip)
-    ref_pool = AllTokenPool(clip.region_pool().to(device), clip.family)
+    ref_pool = AllTokenPool(clip.region_pool().to(device), clip)
     live_watch = Stopwatch(clip.encode_image, device)
     ref_watch = Stopwatch(ref.trunk, device)
     clip.encode_image, ref.trunk = live_watch, ref_watch
@@ -228,14 +240,15 @@ def bench_augment(clip, text, items, cfg, device, amp, workers, reps=3):
             times[name].append(train_epochs(pool, text, source, cfg, device))
     seconds = {name: statistics.median(t) for name, t in times.items()}
     return {"epoch_seconds": seconds, "ratio": seconds["reference"] / seconds["batched"],
-            "pixels": augment_pixel_difference(items, clip.image_size)}
+            "pixels": augment_pixel_difference(items, clip.preprocess)}
 
 
-def augment_pixel_difference(items, size: int, crops_per_image: int = 4) -> dict:
+def augment_pixel_difference(items, pre, crops_per_image: int = 4) -> dict:
     """The same crop boxes (drawn on the full-resolution image) made both ways, in grey levels
     0..255: PIL from full resolution (reference) vs the kept reduced image resized by torch
     (batched: the box scaled to the reduced image)."""
     gen = torch.Generator().manual_seed(0)
+    size, mode = pre.size, pre.interpolation
     side = math.ceil(size / DECODE_MARGIN)
     diffs = []
     for d in items:
@@ -247,10 +260,10 @@ def augment_pixel_difference(items, size: int, crops_per_image: int = 4) -> dict
         for _ in range(crops_per_image):
             top, left, ch, cw = crop_params(h, w, gen)
             ref = TF.pil_to_tensor(TF.resized_crop(full, top, left, ch, cw, [size, size],
-                                                   interpolation=TF.InterpolationMode.BICUBIC)).float()
+                                                   interpolation=INTERPOLATION[mode])).float()
             t, l, hh, ww = (round(v * scale) for v in (top, left, ch, cw))
             ours = torch.nn.functional.interpolate(reduced[None, :, t:t + hh, l:l + ww], size=(size, size),
-                                                   mode="bicubic", align_corners=False, antialias=True)[0]
+                                                   mode=mode, align_corners=False, antialias=True)[0]
             diffs.append((ours.clamp(0, 255) - ref).abs().flatten())
     every = torch.cat(diffs).numpy()
     return {"mean": float(every.mean()), "p99": float(np.percentile(every, 99)), "max": float(every.max()),
@@ -274,7 +287,7 @@ def step_over_trunk(clip, live, pool, text, cfg, device, amp, reps=5) -> float:
     """A training step's time over the trunk's own forward on a batch of the same size (a clean
     epoch over the trunk's time for its images): 1.0 would be a step that costs nothing but the trunk."""
     n = min(cfg.batch_size, len(live.images))
-    images = augment(live.images[:n], clip.image_size, torch.Generator().manual_seed(0), device, amp)
+    images = augment(live.images[:n], clip.preprocess, torch.Generator().manual_seed(0), device, amp)
 
     def forward():
         with torch.no_grad(), autocast(device, amp):
@@ -305,13 +318,37 @@ def bench_views(clip, text, items, cfg, device, amp, workers, cache, epochs, str
 def bench_eval(clip, text, items, device, amp, workers, cache, batch):
     pool = clip.region_pool().to(device)
     store = eval_store(clip, items, cache, "bench_eval_timing", batch, workers, device, amp)
-    live_s = timed(lambda: evaluation.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.image_size),
+    live_s = timed(lambda: evaluation.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.preprocess),
                                                                          batch, workers, device, amp),
                                                  device, amp, "live"), device)[0]
     cached_s, cached = timed(lambda: evaluation.collect_logits(pool, text, store.batches(batch, device), device, amp,
                                                            "cached"), device)
     return {"images": len(items), "recompute_seconds": live_s, "cached_seconds": cached_s,
             "ratio": live_s / cached_s}
+
+
+class StandInTokenizer:
+    """open_clip's simple tokenizer at the model's context length, ids folded into its
+    vocabulary: the text tower's cost without its own tokenizer's files."""
+
+    def __init__(self, backbone: str):
+        text_cfg = open_clip.get_model_config(backbone)["text_cfg"]
+        self.simple = open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+        self.vocab = text_cfg.get("vocab_size", 49408)
+
+    def __call__(self, texts):
+        return self.simple(texts) % self.vocab
+
+
+def text_tokens(backbone: str) -> str:
+    """The model's own tokenizer, or (SigLIP's need Hugging Face files, not here offline) a
+    stand-in for the sweep's text encoding: cost is measured, not accuracy; said in the output."""
+    try:
+        clip_weights.tokenizer_for(backbone)
+        return "the model's own"
+    except RaftError as exc:
+        clip_backbone.tokenizer_for = lambda name, weights=None: StandInTokenizer(name)
+        return f"a stand-in (same context length and vocabulary): {exc}"
 
 
 def bench_sweep(args, data_root, work, device):
@@ -372,10 +409,11 @@ def main(argv: list[str] | None = None):
     for p in plain.parameters():
         p.requires_grad_(False)
     text = torch.nn.functional.normalize(torch.randn(clip.embed_dim, data.num_classes + 1, device=device), dim=0)
+    tokens = text_tokens(args.backbone)
     machine = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
                "backbone": args.backbone, "train_images": len(items), "eval_images": len(data.test),
-               "batch": args.batch}
+               "batch": args.batch, "tokenizer": tokens}
     print(f"machine: {machine}")
     results = {"machine": machine}
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from clip.region_pool import RegionAttentionPool
 from clip.vit_pool import FrozenTail, ViTRegionPool, vit_all_token_forward
+from utils import RaftError
 
 PRECISIONS = ("float32", "float16_reference")
 
@@ -60,7 +61,7 @@ class Float16Reference(nn.Module):
     def __init__(self, pool: nn.Module):
         super().__init__()
         self.pool = pool.half()
-        self.num_heads = pool.num_heads
+        self.num_heads, self.summary_keys = pool.num_heads, pool.summary_keys
         if isinstance(pool, ViTRegionPool):
             tail = pool.tail
             half = [copy.deepcopy(m).half() for m in (tail.ln_1, tail.ls_1, tail.ln_2, tail.mlp, tail.ls_2,
@@ -88,6 +89,9 @@ class Float16Reference(nn.Module):
 
 def make_region_pool(clip, mask_bg_in_cls: bool, precision: str) -> nn.Module:
     """The trainable pool of ``clip`` in the configured precision."""
+    if precision == "float16_reference" and clip.family == "map":
+        raise RaftError(f"pool_precision float16_reference reproduces the published code's float16 step; "
+                        f"{clip.backbone}'s attention-pool head has no published code: use float32")
     pool = clip.region_pool(mask_bg_in_cls)
     return Float16Reference(pool) if precision == "float16_reference" else pool
 

@@ -43,7 +43,14 @@ def folded_attention(tokens: torch.Tensor, n_query: int, qkv: tuple[torch.Tensor
                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention of the first ``n_query`` tokens over all tokens (``B×N×E``), before
     the output projection: returns ``B×n_query×E`` and the weights ``B×heads×n_query×N``.
-    ``qkv`` = (W_q, b_q, W_k, b_k, W_v, b_v), see ``projections``.
+    ``qkv`` = (W_q, b_q, W_k, b_k, W_v, b_v), see ``projections``."""
+    return folded_queries_attention(tokens[:, :n_query], tokens, qkv, num_heads, mask)
+
+
+def folded_queries_attention(queries: torch.Tensor, tokens: torch.Tensor, qkv: tuple[torch.Tensor, ...],
+                             num_heads: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention of ``queries`` (``B×Q×E_q``, before the query projection) over
+    ``tokens`` (``B×N×E``), before the output projection: ``B×Q×E`` and the weights ``B×heads×Q×N``.
 
     Keys and values are folded into the query side, so the N tokens are never projected.
     Per head h, with ``x_j`` the tokens:
@@ -52,10 +59,11 @@ def folded_attention(tokens: torch.Tensor, n_query: int, qkv: tuple[torch.Tensor
     Same outputs and gradients as attention over all tokens (``all_token_forward``).
     """
     w_q, b_q, w_k, b_k, w_v, b_v = qkv
-    b, n, e = tokens.shape
+    b, n_query = queries.shape[:2]
+    e = tokens.shape[-1]
     h = num_heads
-    d = e // h
-    q = F.linear(tokens[:, :n_query], w_q, b_q).view(b, n_query, h, d) * d ** -0.5   # B, Q, h, d
+    d = w_k.shape[0] // h
+    q = F.linear(queries, w_q, b_q).view(b, n_query, h, d) * d ** -0.5              # B, Q, h, d
     u = torch.einsum("bshd,hde->bshe", q, w_k.view(h, d, e))                       # B, Q, h, E: W_kᵀ q
     scores = torch.einsum("bshe,bne->bshn", u, tokens)                             # B, Q, h, N
     # q·b_k shifts every score of a query alike and softmax cancels it; kept so that b_k gets
@@ -66,7 +74,7 @@ def folded_attention(tokens: torch.Tensor, n_query: int, qkv: tuple[torch.Tensor
     weights = scores.softmax(dim=-1)
     mixed = torch.einsum("bshn,bne->bshe", weights, tokens)                        # B, Q, h, E: Σ_j a_j x_j
     out = torch.einsum("bshe,hde->bshd", mixed, w_v.view(h, d, e)) + b_v.view(h, d)
-    return out.reshape(b, n_query, e), weights.transpose(1, 2)
+    return out.reshape(b, n_query, h * d), weights.transpose(1, 2)
 
 
 def clip_pool_attention(attnpool: nn.Module, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +93,8 @@ def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
 
 class RegionAttentionPool(nn.Module):
     """``forward(F: B×E×H×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off ``attnpool``."""
+
+    summary_keys = 2   # the attention's keys start with the two summary tokens, then the grid
 
     def __init__(self, attnpool: nn.Module, mask_bg_in_cls: bool = False):
         super().__init__()

@@ -82,6 +82,8 @@ def clip_vit_forward(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 class ViTRegionPool(nn.Module):
     """``forward(X: B×(1+N)×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off the model."""
 
+    summary_keys = 2   # the attention's keys start with the two summary tokens, then the grid
+
     def __init__(self, visual: nn.Module, mask_bg_in_cls: bool = False):
         super().__init__()
         attn = last_block_attention(visual)

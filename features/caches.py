@@ -61,7 +61,7 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
     """The store of ``items`` under the eval transform: reused when every input matches.
     ``skip_bad``: leave unreadable images out (listed in the store's ``skipped``) instead of failing.
     ``keep_maps=False``: CLIP's own feature ``v0`` only (what the baselines read)."""
-    transform = eval_transform(clip.image_size)
+    transform = eval_transform(clip.preprocess)
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
                       file_stamps(items), amp and device.type == "cuda", skip_bad, *([] if keep_maps else ["v0 only"]))
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
@@ -114,7 +114,7 @@ def build_views(clip, items, views, seed, path, key, kind, device, amp, num_work
                 batch, rows = empty.to(device), slice(0)
                 for rank, s in enumerate(starts[first:first + world.size]):   # every process draws every crop
                     mine = rank == world.rank
-                    prepared = prepare_batch(images[s:s + batch_size], clip.image_size, gen, device, scale=scale,
+                    prepared = prepare_batch(images[s:s + batch_size], clip.preprocess, gen, device, scale=scale,
                                              keep=slice(None) if mine else slice(0))
                     if mine:
                         batch, rows = prepared.finish(device, amp), slice(s, s + batch_size)

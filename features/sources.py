@@ -103,7 +103,7 @@ class LiveSource:
     def prepare(self, idx: torch.Tensor, mine: slice):
         """The host's part of a batch (in the background thread): draw its flips and crops from
         the augmentation generator, gather this process's crops (``.finish`` does the rest)."""
-        return prepare_batch([self.images[i] for i in idx], self.clip.image_size, self.aug_gen, self.device,
+        return prepare_batch([self.images[i] for i in idx], self.clip.preprocess, self.aug_gen, self.device,
                              keep=mine)
 
     def epoch(self, epoch: int, start: int = 0):
@@ -150,7 +150,7 @@ class ReferenceSource(LiveSource):
         return [(h, w) for w, h in image_sizes(items, num_workers)]
 
     def prepare(self, idx: torch.Tensor, mine: slice):
-        return reference_batch([self.paths[i] for i in idx], [self.images[i] for i in idx], self.clip.image_size,
+        return reference_batch([self.paths[i] for i in idx], [self.images[i] for i in idx], self.clip.preprocess,
                                self.aug_gen, keep=mine, threads=self.threads,
                                pin=self.device.type == "cuda")
 

@@ -64,11 +64,17 @@ SCHEMA: dict[str, Key] = {
     "split_seed": Key((int,), 1, "dataset: folder only: seed of that split", False, *SEED),
     "num_classes": Key((int,), None, "expected number of classes (checked against the data)", True,
                        *span(0, 1_000_000, True)),
-    "backbone": Key((str,), "RN50", "CLIP backbone (open_clip's names): ResNets RN50, RN101, RN50x4, RN50x16, "
-                                    "RN50x64; ViTs ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 (RAFT-ViT, this "
-                                    "project's extension: doc/method.md §10); tiny-rn, tiny-vit (random, offline)"),
-    "weights": Key((str,), "openai", "'openai' (download/cache), a local checkpoint path, or null for random init", True),
-    "quick_gelu": Key((bool,), True, "QuickGELU in the text tower; OpenAI weights need it"),
+    "backbone": Key((str,), "RN50", "CLIP backbone: any open_clip model name whose image tower RAFT fine-tunes: "
+                                    "ResNets (RN50, RN101, RN50x4, ...: the attention pool), ViTs with a class token "
+                                    "(ViT-B-32, ViT-B-16, ViT-L-14, ...: the last block's attention, doc/method.md "
+                                    "§10), SigLIP/SigLIP2 (ViT-B-16-SigLIP2, ...: the attention-pool head, §11); "
+                                    "tiny-rn, tiny-vit, tiny-siglip (random, offline). doc/weights.md lists them"),
+    "weights": Key((str,), "openai", "a pretrained tag of the backbone ('openai', 'laion2b_s34b_b79k', 'webli', "
+                                     "...: open_clip's list for that model), 'hf-hub:<org>/<repo>', a local "
+                                     "checkpoint path, or null for random init (doc/weights.md)", True),
+    "quick_gelu": Key((bool,), None, "QuickGELU activations; null = as open_clip records it for the weights "
+                                     "(the tag's record; OpenAI's weights need it); resolved when the run starts",
+                      True),
     "calibrate_bn": Key((bool,), False, "re-estimate the trunk's BatchNorm statistics on the training images "
                                         "(only for randomly initialised backbones)"),
     # protocol (doc/protocols.md)
@@ -333,6 +339,7 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
     if values["augment"] == "reference" and values["train_views"]:
         raise RaftError("augment: reference is the faithful mode's augmentation; train_views caches its own views "
                         "(set one of them)")
+    check_model(values)
     known = SCHEMA["baselines"].default
     for method in values["baselines"]:
         if method not in known:
@@ -343,6 +350,21 @@ def build_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Con
         if not values["templates"] or not all(isinstance(t, str) and "{}" in t for t in values["templates"]):
             raise RaftError("config key 'templates' must be a non-empty list of strings containing '{}'")
     return Config(values)
+
+
+def check_model(values: dict) -> None:
+    """Before anything is written: the backbone is an open_clip model RAFT applies to, and
+    ``quick_gelu: null`` becomes what open_clip records for the weights (a run's settings are
+    concrete). The weights themselves are checked when the run knows them: an evaluation
+    takes its checkpoint's (run/folders.py)."""
+    from clip.backbone import check_backbone
+    from clip.weights import recorded_quick_gelu
+    family = check_backbone(values["backbone"])
+    if values["quick_gelu"] is None:
+        values["quick_gelu"] = recorded_quick_gelu(values["backbone"], values["weights"])
+    if family == "map" and values["pool_precision"] == "float16_reference":
+        raise RaftError(f"pool_precision float16_reference reproduces the published code's float16 step; "
+                        f"{values['backbone']}'s attention-pool head has no published code: use float32")
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from clip.weights import check_weights_available
 from datasets import DatasetSplits
 from run.checkpoints import adopt_checkpoint, check_backbone, read_checkpoint, read_results, source_dataset
 from run.config import (NOT_TRAINING_KEYS, SCHEMA, Config, check_outside_data, describe_changes, load_yaml,
@@ -117,6 +118,7 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
         print(f"{printable(plan.results_path)} exists: run already finished (use --force to run it again; "
               f"--eval-only evaluates it again under other evaluation settings)")
         return None
+    check_weights_available(cfg.backbone, cfg.weights)   # missing weights: one line, nothing written
     plan.log = setup_logging(run_dir / "log.txt")
     world = WORLD
     if world.main:

@@ -34,7 +34,7 @@ class Model:
 def load_frozen_clip(cfg: Config, images: ImageSets, plan: RunPlan, device: torch.device) -> FrozenCLIP:
     """Frozen CLIP; a random trunk's BatchNorm statistics restored from the checkpoint, or
     measured on the few-shot images (a deterministic function of them)."""
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone).to(device)
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights).to(device)
     if plan.ckpt is not None and plan.ckpt.get("trunk_batchnorm"):  # measured in training: not read again
         restore_batchnorm(clip, plan.ckpt["trunk_batchnorm"])
         plan.log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
@@ -108,7 +108,7 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
 
 def calibrate_on(clip: FrozenCLIP, items, cfg: Config, device: torch.device, log) -> None:
     """Measure the random trunk's BatchNorm statistics on the training images (eval transform)."""
-    loader = make_loader(items, eval_transform(clip.image_size), cfg.eval_batch_size, shuffle=False,
+    loader = make_loader(items, eval_transform(clip.preprocess), cfg.eval_batch_size, shuffle=False,
                          num_workers=cfg.num_workers, device=device)
 
     def batches():

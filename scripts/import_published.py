@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None):
     if target.exists() and not flags.force:
         raise RaftError(f"{target} exists: give another --name, or --force to replace it")
     log = setup_logging(run_dir / "log.txt")
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone)
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights)
     if clip.family != "resnet":
         raise RaftError(f"the published code fine-tunes a ResNet's attention pool; {cfg.backbone} is a "
-                        f"{clip.family.upper() if clip.family == 'vit' else clip.family}")
+                        f"{clip.spec.label}")
     pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision)
     pool.load_state_dict(published_pool_state(published, pool, path, cfg.backbone))
     text = build_text(clip, data, cfg, log)

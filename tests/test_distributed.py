@@ -66,7 +66,8 @@ def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backbone, precision, batch, shares", [("tiny-rn", "float32", "10", [1, 5]),
-                                                                  ("tiny-vit", "float16_reference", "11", [1, 5, 6])])
+                                                                  ("tiny-vit", "float16_reference", "11", [1, 5, 6]),
+                                                                  ("tiny-siglip", "float32", "10", [1, 5])])
 def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsys, backbone, precision, batch,
                                                             shares):
     """dist_exact: every process runs the pool on the gathered global batch, so the weights are

@@ -259,13 +259,13 @@ def test_openai_weights_offline_fail_fast_in_one_line(tmp_path, demo_root):
 
 
 def test_an_unanswering_hub_times_out_in_seconds(silent_hub, tmp_path, monkeypatch):
-    from clip import backbone
+    from clip import weights as backbone
     import huggingface_hub.constants as constants
     monkeypatch.setattr(constants, "ENDPOINT", silent_hub)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(backbone, "HUB_TIMEOUT", 1.0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(backbone, "openai_weights_file", lambda name: None)   # not cached
+    monkeypatch.setattr(backbone, "cached_tag_file", lambda name, tag: None)   # not cached
     start = time.perf_counter()
     with pytest.raises(RaftError, match="cannot be reached"):
         backbone.load_open_clip("RN50", "openai")
@@ -276,7 +276,7 @@ def test_an_unanswering_hub_times_out_in_seconds(silent_hub, tmp_path, monkeypat
 
 
 def test_cached_openai_weights_are_found_without_the_network(tmp_path, monkeypatch):
-    from clip import backbone
+    from clip import weights as backbone
     cached = tmp_path / "xdg" / "clip" / "RN50.pt"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")

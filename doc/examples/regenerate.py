@@ -50,7 +50,7 @@ def final_line(stdout: str) -> str:
 
 def demo_run(work: Path) -> None:
     """The README's quick start, timed from a fresh folder (the images are generated too),
-    and the same demo on the tiny ViT."""
+    and the same demo on the tiny ViT and the tiny SigLIP-style model."""
     out, seconds = sh([PY, str(ROOT / "main.py"), "--config", str(ROOT / "configs/demo.yaml")], work)
     replace_block(ROOT / "README.md", "demo-line",
                   f"What the demo prints at the end (measured on a {cpu_count()}-core CPU, {seconds:.0f} s "
@@ -58,8 +58,12 @@ def demo_run(work: Path) -> None:
     out, _ = sh([PY, str(ROOT / "main.py"), "--config", str(ROOT / "configs/demo.yaml"), "--backbone", "tiny-vit"],
                 work)
     replace_block(ROOT / "README.md", "demo-vit-line", f"```\n{final_line(out)}\n```")
+    out, _ = sh([PY, str(ROOT / "main.py"), "--config", str(ROOT / "configs/demo.yaml"), "--backbone",
+                 "tiny-siglip"], work)
+    replace_block(ROOT / "README.md", "demo-siglip-line", f"```\n{final_line(out)}\n```")
     # out of output/: the sweep's summary (doc/summarize.md) is of the tiny-rn runs only
-    shutil.move(work / "output/demo/tiny-vit_16shots_seed1", work / "tiny-vit_demo")
+    for backbone in ("tiny-vit", "tiny-siglip"):
+        shutil.move(work / f"output/demo/{backbone}_16shots_seed1", work / f"{backbone}_demo")
 
 
 def demo_sweep(work: Path) -> Path:
