@@ -271,3 +271,38 @@ def test_base_to_new_and_baselines_on_tiny_siglip(dtd, tmp_path, capsys):
     results = json.loads(next((tmp_path / "out").rglob("results.json")).read_text())
     assert results["backbone"] == "tiny-siglip" and results["config"]["quick_gelu"] is False
     assert {"base", "new"} <= set(results["base2new"]) and set(results["baselines"]) >= {"zero_shot", "tip_adapter"}
+
+
+def test_openai_archives_load_without_torch_jit_and_print_nothing(tmp_path, tiny_vit, monkeypatch, capsys):
+    import copy
+    import warnings
+    path = tmp_path / "ViT-tiny.pt"          # as OpenAI ships them: a float16 TorchScript archive
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # torch.jit.script itself is deprecated: the test's side, not ours
+        torch.jit.script(copy.deepcopy(tiny_vit.model).half()).save(str(path))
+    capsys.readouterr()
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_open_clip("tiny-vit", str(path))
+    assert not caught and capsys.readouterr() == ("", "")
+    assert all(torch.equal(model.state_dict()[k], v.half().float()) for k, v in tiny_vit.model.state_dict().items())
+
+
+def test_a_run_from_a_tag_predicts_with_that_tags_preprocessing(tagged, demo_root, tmp_path, capsys):
+    from inference import load_run
+    code, _, err = cli(model_args(demo_root, tmp_path, "--backbone", "tiny-siglip", "--weights", "squashed"), capsys)
+    assert code == 0, err
+    run_dir = next((tmp_path / "out" / "demo").glob("tiny-siglip_*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["weights"] == "squashed" and results["config"]["quick_gelu"] is True   # the tag's record
+    run = load_run(run_dir, "cpu")
+    fit, *_, normalize = run.transform.transforms
+    assert type(fit).__name__ == "Resize" and fit.size == (96, 96) and normalize.mean == HALF
+    image = next((demo_root / "images").rglob("test_*.jpg"))
+    code, out, err = cli([str(run_dir), str(image), "--top-k", "1"], capsys, entry="predict")
+    assert code == 0 and "  1. " in out, err
