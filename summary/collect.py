@@ -126,19 +126,20 @@ def label_data(protocols: dict[str, list[dict]]) -> None:
 
 
 def repeated_seeds(rows: list[dict], *key: str) -> list[str]:
-    """Cells (``key`` + dataset + shots) in which a seed appears more than once."""
+    """Cells (``key`` + dataset + shots) in which a seed appears in more than one run folder. A
+    folder gives several rows (its few-shot result, its baselines, each transfer): one run."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in rows:
         cells[(r["dataset"], r["shots"], *(r[k] for k in key))].append(r)
     notes = []
     for cell, runs in cells.items():
-        counts: dict = defaultdict(list)
+        folders: dict = defaultdict(dict)   # seed -> its folders, in order, once each
         for r in runs:
-            counts[r["seed"]].append(r["folder"])
-        for seed, folders in counts.items():
-            if len(folders) > 1:
-                notes.append(f"seed {seed} appears {len(folders)} times for {cell[0]} at {cell[1]} shots "
-                             f"({', '.join(folders)})")
+            folders[r["seed"]][r["folder"]] = None
+        for seed, seen in folders.items():
+            if len(seen) > 1:
+                notes.append(f"seed {seed} appears {len(seen)} times for {cell[0]} at {cell[1]} shots "
+                             f"({', '.join(seen)})")
     return notes
 
 

@@ -54,6 +54,18 @@ def test_runs_on_other_data_get_their_own_column_and_repeated_seeds_are_reported
     assert "warning: seed 1 appears 2 times" in err
 
 
+def test_one_run_with_baselines_and_transfers_is_not_a_repeated_seed(tmp_path, capsys):
+    root = tmp_path / "runs"
+    methods = {name: {"test_acc": 50.0} for name in ("zero_shot", "linear_probe", "tip_adapter")}
+    for seed in (1, 2):      # each folder: a few-shot row, a methods row and two transfer rows
+        folder = f"imagenet/RN50_16shots_seed{seed}"
+        result(root, folder, dataset="imagenet", shots=16, seed=seed, test_acc=60.0, baselines=methods)
+        for target in ("dtd", "eurosat"):
+            result(root, folder, file=f"transfer_{target}.json", dataset=target, shots=16, seed=seed, test_acc=30.0)
+    out, err = summarize(root, tmp_path, capsys)
+    assert "appears" not in out + err and "Repeated seed" not in (tmp_path / "sum" / "summary.md").read_text()
+
+
 def test_other_text_sources_are_marked_and_tags_spelled_out(tmp_path, capsys):
     root = tmp_path / "runs"
     published = {"kind": "descriptions", "file": "gpt3_file/dtd_prompt.json", "git_blob": "8d66432094ad", "published": True}

@@ -112,9 +112,11 @@ def visualize_example(run_dir: Path, work: Path, images: tuple[str, str]) -> Non
     run = load_run(run_dir, "cpu")
     lines = []
     for kind, image in zip(("classified correctly", "missed"), images):
-        png = target / f"{Path(image).stem}.png"
+        # visualize keeps the images' folders below their common one: <class>/<stem>.png here
+        png = next(target.rglob(f"{Path(image).parent.name}/{Path(image).stem}.png"))
         final = target / f"{Path(image).parent.name}_{'correct' if kind.endswith('correctly') else 'missed'}.png"
         png.rename(final)
+        png.parent.rmdir()
         _, batch, _ = load_images(run, [work / image])
         maps = attention_maps(run, batch)
         peak = {k: 100 * float(v[0].max()) for k, v in maps.items()}
