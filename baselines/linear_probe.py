@@ -65,13 +65,6 @@ class LogisticProblem:
         return (s * v).detach(), b.detach()
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 tol: float = FINAL_TOL) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fit (``LogisticProblem.fit``)."""
-    return LogisticProblem(features, labels, num_classes).fit(c, init, tol)
-
-
 class LinearProbe(Baseline):
     name = "linear_probe"
     needs = ("train",)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from baselines import BASELINES, BaselineData, run_baselines
-from baselines.linear_probe import fit_logistic
+from baselines.linear_probe import LogisticProblem
 import baselines.tip_adapter as tip
 from baselines.tip_adapter import cache_keys, check_fits, search_ab, tip_logits
 from conftest import ROOT, args_for, cli, one_line_error
@@ -42,7 +42,7 @@ def task():
 def test_linear_probe_matches_scikit_learn(task, c):
     from sklearn.linear_model import LogisticRegression
     data, test, test_labels = task
-    w, b = fit_logistic(data.train, data.train_labels, data.num_classes, c)
+    w, b = LogisticProblem(data.train, data.train_labels, data.num_classes).fit(c)
     ours = 100.0 * ((test.double() @ w.T + b).argmax(1) == test_labels).double().mean().item()
     ref = LogisticRegression(C=c, max_iter=1000).fit(data.train.numpy(), data.train_labels.numpy())
     theirs = 100.0 * (ref.predict(test.numpy()) == test_labels.numpy()).mean()
