@@ -100,6 +100,21 @@ def tip_task(classes, spread, text_noise):
     return BaselineData(text, train, train_labels, views, val, val_labels, 100.0, 1)
 
 
+def test_cache_term_is_the_same_bits_with_and_without_autograd(task, monkeypatch):
+    """Evaluation computes the cache term in place in one buffer, training through autograd:
+    Tip-Adapter-F's keys are scored on validation exactly as their logits are trained."""
+    data, test, _ = task
+    keys = torch.nn.functional.normalize(cache_keys(data.views) + 0.3 * torch.randn(
+        data.views.shape[1:], generator=torch.Generator().manual_seed(5)), dim=-1)
+    for chunk in (tip.CHUNK, 2000, 7):   # one chunk; several; a row at a time
+        monkeypatch.setattr(tip, "CHUNK", chunk)
+        for b in (0.1, 3.7):
+            with torch.no_grad():
+                evaluated = tip.cache_term(test, keys, data.train_labels, data.num_classes, b)
+            trained = tip.cache_term(test, keys.clone().requires_grad_(True), data.train_labels, data.num_classes, b)
+            assert trained.requires_grad and torch.equal(evaluated, trained.detach()), (chunk, b)
+
+
 def test_tip_search_chooses_what_the_published_loop_chooses(task, monkeypatch):
     from dataclasses import replace
     cases = [(tip_task(10, 1.2, 3.0), 0.0), (tip_task(8, 1.0, 4.0), 0.0), (task[0], 0.3),
