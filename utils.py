@@ -79,6 +79,16 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first line of an exception's message, shortened at a word boundary; its type's name
+    when the message is empty (a bare ``OSError()``)."""
+    lines = str(exc).splitlines()
+    text = lines[0] if lines and lines[0].strip() else type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text
+
+
 def name_bytes(text: str) -> bytes:
     """A string as the bytes it stands for (a file name that is not UTF-8 included): what hashes read."""
     return text.encode("utf-8", "surrogatepass")
@@ -410,7 +420,7 @@ def torch_load(path: str | Path, what: str = "file") -> Any:
                             f"(only tensors and plain containers are accepted)") from None
         raise RaftError(f"cannot read {what} {printable(path)}: not a torch file or corrupt") from None
     except Exception as exc:  # truncated, corrupt, or some other format
-        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        detail = first_line(exc, 160) if str(exc).strip() else ""
         raise RaftError(f"cannot read {what} {printable(path)}: truncated, corrupt or not a torch file "
                         f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
 

@@ -31,11 +31,11 @@ from clip.map_pool import (MapRegionPool, check_map_head, clip_map_attention, cl
 from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
 from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
 # loading lives in clip/weights.py; its names stay importable from here
-from clip.weights import (TINY_INIT_SEED, check_model_name, first_line, load_open_clip,  # noqa: F401
+from clip.weights import (TINY_INIT_SEED, check_model_name, load_open_clip,  # noqa: F401
                           openai_weights_file, quiet_libraries, read_state_dict, tokenizer_for,
                           weights_identity)
 from datasets.loader import Preprocess
-from utils import RaftError
+from utils import RaftError, first_line
 
 
 log = logging.getLogger("raft")

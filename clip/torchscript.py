@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from utils import RaftError, printable
+from utils import RaftError, first_line, printable
 
 # storage classes of TorchScript's pickler -> dtype
 STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
@@ -144,7 +144,7 @@ def read_torchscript_weights(path: Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, KeyError,
             AttributeError, IndexError, RuntimeError, RecursionError) as exc:
         raise RaftError(f"cannot read the TorchScript archive {printable(path)} as weights: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+                        f"{first_line(exc, 160)}") from None
     state: dict[str, torch.Tensor] = {}
     flatten(root, "", state)
     if not state:

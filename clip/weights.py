@@ -33,7 +33,7 @@ from torch import nn
 
 import clip.timm_configs  # noqa: F401  (registers the tiny timm towers the shipped configs name)
 from clip.torchscript import is_torchscript_archive, read_torchscript_weights
-from utils import RaftError, printable, torch_load
+from utils import RaftError, first_line, printable, torch_load
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn, tiny-vit, tiny-siglip (and any config dropped there)
@@ -65,14 +65,6 @@ def quiet_libraries():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def first_line(exc: BaseException, limit: int = 240) -> str:
-    """The first line of an exception's message, shortened at a word boundary."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + " …"
-    return text
 
 
 # --------------------------------------------------------------------------- names and tags

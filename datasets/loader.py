@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from utils import RaftError, printable, resolve_workers
+from utils import RaftError, first_line, printable, resolve_workers
 
 from .base import Datum
 
@@ -146,7 +146,7 @@ def read_rgb(path: str) -> Image.Image:
     except UnidentifiedImageError:
         raise UnreadableImage(path, "not an image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(path, f"corrupt or truncated ({str(exc).splitlines()[0][:120]})") from None
+        raise UnreadableImage(path, f"corrupt or truncated ({first_line(exc, 120)})") from None
 
 
 class ImageList(Dataset):

@@ -15,7 +15,7 @@ import torch
 from clip.backbone import FrozenCLIP, batchnorm_statistics
 from datasets.base import DatasetSplits
 from run.config import Config, check_values
-from utils import RaftError, printable, read_json, torch_load, torch_save
+from utils import RaftError, first_line, printable, read_json, torch_load, torch_save
 
 # 1: the pool, its config, class names and text classifier;
 # 2: + the dataset it was trained on and its few-shot sample's SHA-256;
@@ -161,7 +161,7 @@ def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
         pool.load_state_dict(ckpt["pool"])
     except RuntimeError as exc:
         raise RaftError(f"checkpoint {printable(path)} does not fit this region pool: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{first_line(exc)}") from None
 
 
 # Settings that shape what a trained pool computes, or which images it was trained on:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from utils import RaftError, resolve_device
+from utils import RaftError, first_line, resolve_device
 
 if TYPE_CHECKING:
     from run.config import Config
@@ -41,7 +41,7 @@ def collective():
     except RaftError:
         raise
     except Exception as exc:
-        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        detail = first_line(exc, 160)
         raise PeerFailure(f"process {os.environ.get('RANK', '?')}: a collective with the other torchrun processes "
                           f"failed ({detail}); run the same command again to resume") from None
 
@@ -182,7 +182,7 @@ def start_processes(device: str, timeout: float) -> World:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout),
                                 device_id=torch.device("cuda", local_rank) if use_cuda else None)
     except Exception as exc:  # the store, a peer that never came
-        raise RaftError(f"cannot join the torchrun process group: {str(exc).splitlines()[0][:200]}") from None
+        raise RaftError(f"cannot join the torchrun process group: {first_line(exc, 200)}") from None
     host_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if use_cuda else None
     WORLD.set(rank, size, local_rank, host_group)
     return WORLD

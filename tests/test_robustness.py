@@ -328,3 +328,30 @@ def test_killed_at_random_moments_every_rerun_ends_with_the_uninterrupted_result
     assert kills >= 3
     assert log.read_text().count("resuming from") >= 2
     assert results_of(tmp_path)[0] == expected
+
+
+def test_library_errors_with_empty_or_long_messages_stay_one_line(tmp_path, monkeypatch):
+    """Every place that quotes a library's error quotes its first line through one helper: an
+    empty message (a bare ``OSError()``) is named by its type, not an IndexError's traceback."""
+    from PIL import Image
+
+    from datasets.loader import UnreadableImage, read_rgb
+    from run.checkpoints import load_pool_state
+    from utils import RaftError, first_line
+    assert first_line(OSError()) == "OSError" and first_line(ValueError("\n")) == "ValueError"
+    assert first_line(ValueError("first\nsecond")) == "first"
+    assert first_line(ValueError("word " * 100), 30) == "word word word word word word …"
+    image = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(image)
+
+    def bare_error(*args, **kwargs):
+        raise OSError()
+    monkeypatch.setattr(Image, "open", bare_error)
+    with pytest.raises(UnreadableImage, match=r"corrupt or truncated \(OSError\)"):
+        read_rgb(str(image))
+
+    class Pool(torch.nn.Module):
+        def load_state_dict(self, *args, **kwargs):
+            raise RuntimeError("")
+    with pytest.raises(RaftError, match="does not fit this region pool: RuntimeError"):
+        load_pool_state(Pool(), {"pool": {}}, tmp_path / "ck.pt")
