@@ -89,6 +89,23 @@ def first_line(exc: BaseException, limit: int = 240) -> str:
     return text
 
 
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why ``url``'s server cannot be reached within ``timeout`` seconds (no network, a refused
+    connection, a proxy, a malformed address), or None when it answers: any HTTP status counts
+    as an answer. One HEAD request, so that a tool fails in seconds instead of after a download
+    library's minute of retries."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:   # URLError, timeouts, refused connections, a bad address
+        reason = getattr(exc, "reason", exc)
+        return first_line(reason) if isinstance(reason, BaseException) else str(reason)
+    return None
+
+
 def name_bytes(text: str) -> bytes:
     """A string as the bytes it stands for (a file name that is not UTF-8 included): what hashes read."""
     return text.encode("utf-8", "surrogatepass")

@@ -19,8 +19,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from torch import nn
 
 import clip.timm_configs  # noqa: F401  (registers the tiny timm towers the shipped configs name)
 from clip.torchscript import is_torchscript_archive, read_torchscript_weights
-from utils import RaftError, first_line, printable, torch_load
+from utils import RaftError, first_line, printable, torch_load, unreachable
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers tiny-rn, tiny-vit, tiny-siglip (and any config dropped there)
@@ -203,14 +201,10 @@ def check_hub_reachable(what: str) -> None:
     advice = "offline, set `weights` to a local checkpoint (doc/weights.md)"
     if constants.HF_HUB_OFFLINE:
         raise RaftError(f"{what} are not in the local cache and HF_HUB_OFFLINE is set; {advice}")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return  # the server answered: reachable
-    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a bad endpoint
-        reason = getattr(exc, "reason", exc)
-        raise RaftError(f"cannot download {what}: the Hugging Face hub ({endpoint}) cannot be reached "
-                        f"({first_line(reason) if isinstance(reason, BaseException) else reason}); {advice}") from None
+    reason = unreachable(endpoint, HUB_TIMEOUT)
+    if reason is not None:
+        raise RaftError(f"cannot download {what}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}); "
+                        f"{advice}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import RaftError, printable
+from utils import RaftError, printable, unreachable
 
 from .published import RAW_URL, PublishedFile, file_blob_id, git_blob_id
 
@@ -39,15 +39,10 @@ class Outcome:
 def reach(base_url: str, timeout: float = TIMEOUT) -> None:
     """Fail in seconds, with one line, when the server cannot be reached (no network, a proxy
     that refuses, a wrong --base-url); any HTTP answer counts as reachable."""
-    try:
-        urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/", method="HEAD"),
-                               timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+    reason = unreachable(base_url.rstrip("/") + "/", timeout)
+    if reason is not None:
         raise RaftError(f"cannot reach {base_url} ({reason}): offline, or behind a proxy that needs HTTPS_PROXY? "
-                        f"doc/datasets.md lists the files and their ids for a download by hand") from None
+                        f"doc/datasets.md lists the files and their ids for a download by hand")
 
 
 def download(url: str, target: Path, expected: PublishedFile, timeout: float = TIMEOUT) -> None:
