@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import RaftError, printable, unreachable
+from utils import RaftError, atomic_write, printable, unreachable
 
 from .published import RAW_URL, PublishedFile, file_blob_id, git_blob_id
 
@@ -46,42 +45,40 @@ def reach(base_url: str, timeout: float = TIMEOUT) -> None:
 
 
 def download(url: str, target: Path, expected: PublishedFile, timeout: float = TIMEOUT) -> None:
-    """``url`` into ``target``, atomically, if and only if its content has the pinned blob id."""
+    """``url`` into ``target``, atomically (``utils.atomic_write``), if and only if its content has
+    the pinned blob id: a mismatch raises inside the write, which leaves nothing behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(target.parent, os.W_OK):
         raise RaftError(f"cannot write into {printable(target.parent)} (read-only): choose another --data_root")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as answer:
-                    total = int(answer.headers.get("Content-Length") or 0) or expected.size
-                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False,
-                               disable=None if (total or 0) > PROGRESS_BYTES else True)
-                    with bar:
-                        while block := answer.read(CHUNK):
-                            out.write(block)
-                            bar.update(len(block))
-            except urllib.error.HTTPError as exc:
-                raise RaftError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
-                raise RaftError(f"{url}: {getattr(exc, 'reason', exc)}") from None
-            out.flush()
-            os.fsync(out.fileno())
-        data = Path(tmp).read_bytes()
-        got = git_blob_id(data)
+
+    def write(out) -> None:
+        data = bytearray()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as answer:
+                total = int(answer.headers.get("Content-Length") or 0) or expected.size
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False,
+                           disable=None if (total or 0) > PROGRESS_BYTES else True)
+                with bar:
+                    while block := answer.read(CHUNK):
+                        out.write(block)
+                        data += block
+                        bar.update(len(block))
+        except urllib.error.HTTPError as exc:
+            raise RaftError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
+            raise RaftError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        got = git_blob_id(bytes(data))
         if got != expected.git_blob:
             size = f"{len(data)} bytes" + (f", {expected.size} expected" if expected.size else "")
             raise RaftError(f"{url}: the content's git blob id is {got}, the pinned one {expected.git_blob} ({size}): "
                             f"refused, nothing written")
-        os.replace(tmp, target)
+
+    try:
+        atomic_write(target, write)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise RaftError(f"no space left on device while writing {printable(target)}: nothing was written") from None
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def fetch(files: list[tuple[PublishedFile, Path]], base_url: str = RAW_URL, force: bool = False,

@@ -70,7 +70,8 @@ def fetch(base, tmp_path, capsys, *datasets, extra=()):
 
 
 def leftovers(tmp_path):
-    return [p for p in tmp_path.rglob(".*.part")]
+    """Temporary siblings a download left behind (hidden files: atomic_write's, or older .part)."""
+    return [p for p in tmp_path.rglob(".*") if p.is_file()]
 
 
 def test_files_are_verified_before_they_are_moved_into_place(mirror, tmp_path, capsys):
@@ -93,6 +94,9 @@ def test_files_are_verified_before_they_are_moved_into_place(mirror, tmp_path, c
     assert code == 2 and "differs" in err and split.read_bytes().endswith(b" ")     # kept
     assert fetch(mirror, tmp_path, capsys, "dtd", extra=["--force"])[0] == 0         # replaced on request
     assert git_blob_id(split.read_bytes()) == "8dd197a94b598fa44ee3c9e35c486dd017ab00a7"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert split.stat().st_mode & 0o777 == 0o666 & ~umask      # readable as any file this user writes
 
 
 def test_an_unreachable_server_is_one_line_in_seconds(tmp_path, capsys):
