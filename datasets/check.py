@@ -136,12 +136,13 @@ def check_imagenet(folder: Path, sample: int | None) -> Report:
         if absent:
             report.problem(f"images/{split}: {len(absent)} of {len(wnids)} class folders missing under "
                            f"{printable(base)}, e.g. {', '.join(absent[:SHOWN])}")
-        items = [Datum(str(p), label, names[label]) for label, w in enumerate(wnids) if (base / w).is_dir()
-                 for p in list_images(base / w)]
+        gone = set(absent)
+        listed = {w: list_images(base / w) for w in wnids if w not in gone}   # each folder read once
+        items = [Datum(str(p), label, names[label]) for label, w in enumerate(wnids) for p in listed.get(w, ())]
         splits[split] = items
         report.splits[split] = {"listed": len(items), "missing": 0, "first_missing": [],
                                 "class_folders_missing": len(absent)}
-        empty = [w for w in wnids if (base / w).is_dir() and not any(True for _ in list_images(base / w))]
+        empty = [w for w, files in listed.items() if not files]
         if empty:
             report.problem(f"images/{split}: {len(empty)} class folders hold no image, e.g. {', '.join(empty[:SHOWN])}")
     open_images(report, splits["train"] + splits["val"], sample)

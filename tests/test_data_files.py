@@ -226,7 +226,10 @@ def test_imagenet_class_lists_with_tabs_are_read_and_checked(tmp_path, capsys):
             (root / "images" / split / wnid).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(root / "images" / split / wnid / "a.JPEG")
     (root / "classnames.txt").write_text("n01440764\ttench\nn01443537  goldfish\nn01484850 great white shark\n")
+    (root / "images" / "val" / "n01443537" / "a.JPEG").unlink()          # a class folder left empty
     code, reports, _ = check(capsys, "imagenet", "--data_root", str(tmp_path / "data"))
     r = reports[0]
     assert code == 1 and r["classes"] == "3" and r["splits"]["train"]["class_folders_missing"] == 1
     assert "1 of 3 class folders missing" in r["problems"][0] and "n01484850" in r["problems"][0]
+    assert r["splits"]["train"]["listed"] == 2 and r["splits"]["val"]["listed"] == 1
+    assert any("images/val: 1 class folders hold no image, e.g. n01443537" in p for p in r["problems"])
