@@ -81,6 +81,13 @@ LISTING_VERSION = 1
 RACY_NS = 2_000_000_000   # folders modified this recently are listed, not cached (file times are coarse)
 
 
+def plain_name(name) -> bool:
+    """A file name directly inside its folder: a listing read back from the cache must not lead
+    anywhere a folder walk could not (doc/robustness.md: paths stay inside the dataset)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\x00" not in name \
+        and os.sep not in name
+
+
 def _listing(folder: Path, wnids: list[str], cache_dir: str | Path | None) -> dict[str, list[str]]:
     """The image names of every class folder, cached under ``<cache_dir>/listings/``. A folder's
     modification time changes whenever a file is added, removed or renamed in it, so the key
@@ -104,7 +111,8 @@ def _listing(folder: Path, wnids: list[str], cache_dir: str | Path | None) -> di
         f"{sha256_text(LISTING_VERSION, sorted(IMAGE_SUFFIXES), states)[:16]}.json"
     try:
         cached = read_json(path, "listing cache")
-        if isinstance(cached, dict) and list(cached) == wnids:
+        if isinstance(cached, dict) and list(cached) == wnids and all(
+                isinstance(names, list) and all(plain_name(n) for n in names) for names in cached.values()):
             return cached
     except (RaftError, OSError):
         pass                                   # absent or unreadable: list again, write it anew

@@ -152,6 +152,10 @@ def test_imagenet_listing_is_cached_and_follows_every_change(tmp_path):
             assert len(list(listings.glob("train_*"))) == 1                        # older states removed
         (next(listings.glob("train_*"))).write_bytes(b"\xff not json")             # a damaged cache: listed again
         assert len(read()) == 9 and len(list(listings.glob("train_*"))) == 1
+        for damage in ({w: 5 for w in wnids}, {w: [1, 2] for w in wnids}, {w: "0.JPEG" for w in wnids},
+                       {w: ["../../../etc/passwd"] for w in wnids}, {w: ["..", "0.JPEG"] for w in wnids}):
+            next(listings.glob("train_*")).write_text(json.dumps(damage))       # JSON, right keys, wrong values
+            assert len(read()) == 9
     finally:
         imagenet.image_names = real
 
