@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import engine
-from datasets import load_dataset
 from run.config import check_outside_data, parse_args
 from utils import RaftError, run_main
 
@@ -19,6 +17,8 @@ def main(argv: list[str] | None = None):
     check_outside_data(cfg)
     if cfg.dataset == "imagenet":
         raise RaftError("ImageNet runs through main_imagenet.py (python main_imagenet.py --config configs/imagenet.yaml)")
+    from datasets import load_dataset   # the heavy libraries, once the command line is known to be right
+    from run import engine
     engine.run(cfg, flags, load_dataset(cfg))
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import sys
 
-import engine
-from datasets import load_dataset
 from run.config import Config, check_outside_data, parse_args
 from utils import run_main
 
@@ -16,6 +14,8 @@ from utils import run_main
 def main(argv: list[str] | None = None):
     cfg, flags = parse_args(argv, "Train and evaluate RAFT on ImageNet (CoOp layout).")
     check_outside_data(cfg)
+    from datasets import load_dataset   # the heavy libraries, once the command line is known to be right
+    from run import engine
     engine.run(cfg, flags, load_dataset(Config(dict(cfg) | {"dataset": "imagenet"})))
 
 

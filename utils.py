@@ -2,6 +2,9 @@
 YAML, torch), logging, seeding and devices, worker counts, a background thread, hashing, and
 how an entry point turns errors into one line. The run's configuration is run/config.py, the
 torchrun layer run/distributed.py.
+
+torch and numpy are imported where they are used, not here: a command line or a config file
+with a mistake is refused before the libraries load (seconds of CPU).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 import math
 import os
 import pickle
+import stat
 import queue
 import random
 import sys
@@ -21,12 +25,11 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
 import yaml
 
 
@@ -35,17 +38,69 @@ class RaftError(Exception):
 
 
 # --------------------------------------------------------------------------- text from files and names
-def read_text(path: str | Path, what: str = "file") -> str:
-    """A text file a user or a third party brings: UTF-8, a byte-order mark dropped, CRLF and CR
-    line ends read as LF. Anything else (Latin-1, UTF-16, a binary file) is refused in one line
-    naming the file, the line and the byte, never guessed at."""
-    path = Path(path)
+TEXT_LIMIT = 256 << 20   # bytes: the largest text file a run reads whole (CuPL's ImageNet prompts are ~10 MB)
+PIPE_SECONDS = 30.0       # a pipe (``--config <(...)``) must finish writing within this
+
+
+def file_status(path: str | Path, what: str) -> os.stat_result:
+    """``os.stat`` of a file a run is about to read; a missing file, a NUL byte in the name, a
+    folder or an unreadable entry is one line naming it."""
+    shown = printable(path)
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
     except FileNotFoundError:
-        raise RaftError(f"{what} not found: {printable(path)}") from None
-    except IsADirectoryError:
-        raise RaftError(f"{what} {printable(path)} is a folder, not a file") from None
+        raise RaftError(f"{what} not found: {shown}") from None
+    except ValueError:   # a NUL byte in the name
+        raise RaftError(f"{what} {shown!r} is not a valid path (it holds a NUL byte)") from None
+    except OSError as exc:
+        raise RaftError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RaftError(f"{what} {shown} is a folder, not a file")
+    return info
+
+
+def read_bounded(path: str | Path, what: str = "file", limit: int = TEXT_LIMIT, pipe: bool = False) -> bytes:
+    """The bytes of a file read whole, after checking it is one: a regular file of at most
+    ``limit`` bytes (a folder, a FIFO, a device such as /dev/zero, or a larger file is one line).
+    ``pipe``: a pipe is read too (process substitution), up to ``limit`` bytes and
+    ``PIPE_SECONDS``, never blocking on a FIFO nobody writes to."""
+    path = Path(path)
+    shown = printable(path)
+    info = file_status(path, what)
+    if stat.S_ISREG(info.st_mode):
+        if info.st_size > limit:
+            raise RaftError(f"{what} {shown} is {info.st_size:,} bytes, more than the {limit:,} such a file may "
+                            f"have")
+        return path.read_bytes()
+    kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
+        stat.S_ISBLK(info.st_mode) else "not a regular file"
+    if not (pipe and stat.S_ISFIFO(info.st_mode)):
+        raise RaftError(f"{what} {shown} is {kind}, not a regular file: give a file")
+    import select
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    chunks, size, deadline = [], 0, time.monotonic() + PIPE_SECONDS
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise RaftError(f"{what} {shown} (a pipe) was not written to its end within {PIPE_SECONDS:.0f}s")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise RaftError(f"{what} {shown} (a pipe) holds more than the {limit:,} bytes such a file may have")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str | Path, what: str = "file", limit: int = TEXT_LIMIT, pipe: bool = False) -> str:
+    """A text file a user or a third party brings (``read_bounded``): UTF-8, a byte-order mark
+    dropped, CRLF and CR line ends read as LF. Anything else (Latin-1, UTF-16, a binary file)
+    is refused in one line naming the file, the line and the byte, never guessed at."""
+    data = read_bounded(path, what, limit, pipe)
+    path = Path(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -60,12 +115,19 @@ def read_text(path: str | Path, what: str = "file") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def parse_json(text: str, what: str) -> Any:
+    """JSON text; malformed or absurdly nested JSON is one line naming where it came from."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RaftError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RaftError(f"{what} is nested too deeply to be a JSON file this project writes or reads") from None
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     """A JSON file through ``read_text``; malformed JSON is one line naming the file and line."""
-    try:
-        return json.loads(read_text(path, what))
-    except json.JSONDecodeError as exc:
-        raise RaftError(f"{what} {printable(path)} is not valid JSON: {exc}") from None
+    return parse_json(read_text(path, what), f"{what} {printable(path)}")
 
 
 def printable(value: Any) -> str:
@@ -106,13 +168,54 @@ def unreachable(url: str, timeout: float) -> str | None:
     return None
 
 
+NAME_BYTES = 255   # the longest file name common file systems hold
+
+
+def check_component(name: str, what: str, allow_empty: bool = False) -> str:
+    """A name that becomes one folder or file name (a run's tag, a dataset's name, an output's
+    stem) stays one: no separator, no '.' or '..', no NUL, at most 255 bytes; else one line."""
+    if name == "" and allow_empty:
+        return name
+    problem = ("is empty" if name == "" else "holds a NUL byte" if "\x00" in name
+               else "holds a path separator" if "/" in name or os.sep in name or (os.altsep and os.altsep in name)
+               else "is '.' or '..'" if name in (".", "..")
+               else f"is longer than the {NAME_BYTES} bytes a file name may have" if len(name_bytes(name)) > NAME_BYTES
+               else None)
+    if problem:
+        raise RaftError(f"{what} {printable(repr(name))[:80]} {problem}: it names a folder inside its root, so it "
+                        f"must be a plain name")
+    return name
+
+
+def check_template(template: str, what: str) -> None:
+    """A sentence template holds exactly one plain ``{}`` where the name goes: another field
+    (``{0}``, ``{name}``), a format spec (``{:>300000000}``, any size of string) or only escaped
+    braces (``{{}}``: every class the same sentence) is refused, naming the template."""
+    import string
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:   # a lone '{' or '}'
+        raise RaftError(f"{what}: template {printable(repr(template))[:80]} is not a template ({exc})") from None
+    if fields != [("", "", None)] or "{{" in template or "}}" in template:
+        raise RaftError(f"{what}: template {printable(repr(template))[:80]} must hold exactly one plain '{{}}' "
+                        f"(where the name goes) and no other braces")
+
+
 def name_bytes(text: str) -> bytes:
     """A string as the bytes it stands for (a file name that is not UTF-8 included): what hashes read."""
     return text.encode("utf-8", "surrogatepass")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default in its help line."""
+    """Descriptions as written, and every option's default in its help line, once: not where the
+    help already says its default, nor for a flag or an option without one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -187,14 +290,17 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
 
 # --------------------------------------------------------------------------- reproducibility
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
     """The device to run on, made current when it is a GPU (so that every CUDA context,
     pinned-memory threads' included, opens on it and not on GPU 0)."""
+    import torch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -214,8 +320,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device, enabled: bool):
     """fp16 autocast on CUDA only (mixed precision); CPU runs in fp32."""
+    import torch
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
@@ -298,11 +405,15 @@ def sha256_text(*parts: Any) -> str:
 class PhaseClock:
     """Wall-clock, user and system CPU seconds (this process and the workers it reaped) and
     peak resident memory of named phases of a run (``results.json`` → ``phases``;
-    bench/bench_scale.py reads them). Peak memory is the phase's own where Linux lets a
-    process reset its high-water mark, else the process's so far."""
+    bench/bench_scale.py reads them). Sections nest: each section's peak is the largest
+    resident memory between its start and its end, an inner section's included. Where Linux
+    lets a process reset its high-water mark, every section start resets it (after crediting
+    the peak so far to the sections still open), so that each peak is its own; elsewhere it is
+    the process's peak so far."""
 
     def __init__(self):
         self.phases: dict[str, dict] = {}
+        self._open: list[dict] = []   # the peaks seen so far by the sections now open, innermost last
 
     @staticmethod
     def _usage() -> tuple[float, float]:
@@ -333,26 +444,34 @@ class PhaseClock:
         except (ImportError, OSError):
             return None
 
+    def _credit(self) -> None:
+        """The high-water mark since the last reset, to every open section."""
+        peak = self._peak_mb() or 0.0
+        for seen in self._open:
+            seen["peak"] = max(seen["peak"], peak)
+
     @contextmanager
     def section(self, name: str):
+        self._credit()   # what the enclosing sections reached before this one resets the mark
         self._reset_peak()
+        seen = {"peak": 0.0}
+        self._open.append(seen)
         wall, (user, system) = time.perf_counter(), self._usage()
         try:
             yield
         finally:
+            self._credit()
+            del self._open[next(i for i, open_ in enumerate(self._open) if open_ is seen)]
             now_user, now_system = self._usage()
             entry = self.phases.setdefault(name, {"wall": 0.0, "user": 0.0, "sys": 0.0, "peak_mb": 0.0})
             entry["wall"] += time.perf_counter() - wall
             entry["user"] += now_user - user
             entry["sys"] += now_system - system
-            entry["peak_mb"] = max(entry["peak_mb"], self._peak_mb() or 0.0)
+            entry["peak_mb"] = max(entry["peak_mb"], seen["peak"])
 
     def measure(self, name: str, fn: Callable, *args, **kwargs):
         with self.section(name):
             return fn(*args, **kwargs)
-
-
-CLOCK = PhaseClock()   # the current run's; engine.run starts a fresh one
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -415,27 +534,81 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 def torch_save(path: str | Path, obj: Any) -> None:
     """Serialise in memory first: torch's zip writer reports a full disk as an opaque
     RuntimeError, a plain file write reports it as ENOSPC."""
+    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
-def torch_load(path: str | Path, what: str = "file") -> Any:
-    """Load tensors/plain containers only (``weights_only=True``): no pickled code runs. A file
-    that names Python code to run while loading is refused as such, whatever words torch uses."""
+TORCH_LIMIT = 64 << 30   # bytes: the most a torch file may declare (ViT-bigG's weights are ~10 GB)
+
+
+def numpy_safe_globals() -> list:
+    """What open_clip checkpoints written with numpy scalars in them hold (MetaCLIP's releases;
+    mlfoundations/open_clip#966): numpy's scalar reconstructor and its dtypes, under the names of
+    numpy 1 and numpy 2. Data, never code: they rebuild a number of a given dtype."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *dtypes]
+
+
+def check_torch_archive(path: Path, what: str) -> None:
+    """A torch file's entries declare their sizes before anything is read: a few megabytes that
+    declare gigabytes (a compressed entry) are refused before torch inflates them. torch writes
+    its archives uncompressed, so what an entry holds is never more than the file's size."""
+    shown = printable(path)
+    size = read_size(path, what)
+    if not zipfile.is_zipfile(path):
+        return   # torch's legacy format (before 1.6) or not a torch file: torch says which
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-            warnings.simplefilter("ignore")
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    if declared > TORCH_LIMIT or (packed and declared > 2 * size + (1 << 20)):
+        raise RaftError(f"refusing to load {what} {shown}: its {size:,} bytes declare {declared:,} bytes of "
+                        f"tensors{' in compressed entries (' + packed[0] + ', …)' if packed else ''}; a torch file "
+                        f"holds its tensors uncompressed")
+
+
+def read_size(path: Path, what: str) -> int:
+    """The size of a regular file that is read whole; anything else is one line."""
+    info = file_status(path, what)
+    if not stat.S_ISREG(info.st_mode):
+        raise RaftError(f"{what} {printable(path)} is not a regular file (a FIFO or a device): give a file")
+    return info.st_size
+
+
+def torch_load(path: str | Path, what: str = "file") -> Any:
+    """Load tensors/plain containers only (``weights_only=True``; numpy's scalars and dtypes
+    too, see ``numpy_safe_globals``): no pickled code runs. A file that names Python code to
+    run while loading is refused as such, naming what it asks for, whatever words torch uses."""
+    import torch
+    path = Path(path)
+    check_torch_archive(path, what)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(numpy_safe_globals()):
+            warnings.simplefilter("ignore")   # torch warns about pickle protocols before refusing
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RaftError(f"{what} not found: {printable(path)}") from None
     except IsADirectoryError:
         raise RaftError(f"{what} {printable(path)} is a folder, not a file") from None
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-            raise RaftError(f"refusing to load {what} {printable(path)}: it needs pickled Python code to load "
-                            f"(only tensors and plain containers are accepted)") from None
+        text = str(exc)
+        if "weights only" in text.lower() or "unsupported global" in text.lower():
+            import re
+            named = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", text)
+            asks = f" ({named.group(1)})" if named else ""
+            raise RaftError(f"refusing to load {what} {printable(path)}: it needs pickled Python code to load"
+                            f"{asks}; only tensors, plain containers and numpy scalars are accepted") from None
         raise RaftError(f"cannot read {what} {printable(path)}: not a torch file or corrupt") from None
+    except RaftError:
+        raise
     except Exception as exc:  # truncated, corrupt, or some other format
         detail = first_line(exc, 160) if str(exc).strip() else ""
         raise RaftError(f"cannot read {what} {printable(path)}: truncated, corrupt or not a torch file "
@@ -466,3 +639,8 @@ def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """Base-to-new's summary of two accuracies (0 when both are 0)."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)

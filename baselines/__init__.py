@@ -1,35 +1,49 @@
-"""Baselines measured on the same ground as RAFT (doc/baselines.md): the same few-shot images,
-the same cached CLIP features and text matrix, and every hyper-parameter chosen on
-validation data. One small module per method; ``run_baselines`` runs a list of them."""
+"""The methods measured on the same ground as RAFT (doc/baselines.md): the same few-shot images,
+the same cached CLIP features and text matrix, and every hyper-parameter chosen on validation
+data. One small module per method; this registry is the one list of them: the config's
+`baselines`, the run's `baselines` in results.json and summarize's columns all come from it.
+"""
 from __future__ import annotations
 
 import time
 
 import torch
 
-import utils
-from evaluation import harmonic_mean
+from utils import PhaseClock, harmonic_mean
 
-from .base import Baseline, BaselineData, accuracy
+from .base import Baseline, BaselineData, accuracy, shown
 from .linear_probe import LinearProbe
 from .tip_adapter import TipAdapter
 from .tip_adapter_f import TipAdapterF
 from .zero_shot import ZeroShot
 
-BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (ZeroShot, LinearProbe, TipAdapter, TipAdapterF)}
+METHODS: dict[str, type[Baseline]] = {cls.name: cls for cls in (
+    ZeroShot,
+    LinearProbe,
+    TipAdapter,
+    TipAdapterF,
+)}
+
+
+def label(name: str) -> str:
+    """How a method is shown in tables and plots: its own label, else its key (never left out)."""
+    method = METHODS.get(name)
+    return method.label if method is not None and method.label else name
 
 
 def run_baselines(names: list[str], data: BaselineData,
-                  targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], log) -> dict:
+                  targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], log,
+                  clock: PhaseClock | None = None) -> dict:
     """Fit, choose and score each method. ``targets``: name -> (features, labels, text); a
     target's text is None when its classes are the trained ones (every method is scored),
     else the zero-shot classifier of its own classes (base-to-new's new classes: only
-    zero-shot CLIP can score them)."""
+    zero-shot CLIP can score them). ``clock``: the run's, timing each method."""
+    clock = clock or PhaseClock()
     out = {}
     for name in names:
         start = time.perf_counter()
-        method = BASELINES[name]()
-        with torch.no_grad(), utils.CLOCK.section(f"baseline {name}"):
+        method = METHODS[name]()
+        with torch.no_grad(), clock.section(f"baseline {name}"):
             method.fit(data)
             chosen = method.choose(data)
             result = {"hyper": chosen}
@@ -49,8 +63,9 @@ def run_baselines(names: list[str], data: BaselineData,
         out[name] = result
         log.info(f"baseline {name}: " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()
                                                   if k not in ("hyper", "seconds", "note"))
-                 + f"  {chosen}  ({result['seconds']:.1f}s)")
+                 + f"  {shown(chosen)}  ({result['seconds']:.1f}s)")
     return out
 
 
-__all__ = ["BASELINES", "BaselineData", "run_baselines"]
+
+__all__ = ["METHODS", "Baseline", "BaselineData", "accuracy", "label", "run_baselines"]

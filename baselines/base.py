@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 
+
 @dataclass
 class BaselineData:
     text: torch.Tensor                 # D×C: the class columns of the text matrix
@@ -36,8 +37,9 @@ class BaselineData:
 class Baseline:
     """fit on the few-shot features -> choose on validation -> logits of any features."""
 
-    name = ""
-    note = ""   # how this implementation differs from the original, if it does
+    name = ""     # its key: in the config's `baselines`, results.json and summarize's tables
+    label = ""    # how tables and plots show it (its key when empty)
+    note = ""     # how this implementation differs from the original, if it does
     needs: tuple[str, ...] = ()   # the few-shot features it reads: "train" and/or "views"
 
     def fit(self, data: BaselineData) -> None:
@@ -58,3 +60,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def best_index(scores: list[float]) -> int:
     """The first of the best scores (ties go to the earlier candidate)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def shown(hyper: dict) -> str:
+    """Chosen hyper-parameters as a person reads them: numbers to 4 significant digits (a grid
+    value 0.1 + i·0.0345 prints 3.343, not 3.3430000000000004)."""
+    return "{" + ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in hyper.items()) + "}"

@@ -67,6 +67,7 @@ class LogisticProblem:
 
 class LinearProbe(Baseline):
     name = "linear_probe"
+    label = "linear probe"
     needs = ("train",)
 
     def fit(self, data: BaselineData) -> None:

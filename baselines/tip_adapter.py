@@ -125,12 +125,17 @@ def search_ab(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor) 
 
 class TipAdapter(Baseline):
     name = "tip_adapter"
+    label = "Tip-Adapter"
     needs = ("views",)
 
     def fit(self, data: BaselineData) -> None:
-        self.keys = cache_keys(data.views)
-        check_fits(self.keys, self.keys.device)
-        self.key_labels = data.train_labels
+        keys = cache_keys(data.views)
+        check_fits(keys, keys.device)
+        self.use_keys(keys, data.train_labels)
+
+    def use_keys(self, keys: torch.Tensor, key_labels: torch.Tensor) -> None:
+        """The cache this adapter scores with, at a = b = 1 until ``choose`` searches them."""
+        self.keys, self.key_labels = keys, key_labels
         self.ab = {"a": START[0], "b": START[1], "ab_source": "fixed: no validation data (a = b = 1)"}
 
     def choose(self, data: BaselineData) -> dict:

@@ -15,16 +15,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Baseline, BaselineData, accuracy, best_index
-from .tip_adapter import START, cache_keys, check_fits, search_ab, tip_logits
+from .base import BaselineData, accuracy, best_index
+from .tip_adapter import START, TipAdapter, cache_keys, check_fits, tip_logits
 
 EPOCHS = 20
 BATCH = 256
 LR, EPS = 1e-3, 1e-4
 
 
-class TipAdapterF(Baseline):
+class TipAdapterF(TipAdapter):
+    """Tip-Adapter whose keys are trained first (``fit``); its a, b are searched as Tip-Adapter's."""
+
     name = "tip_adapter_f"
+    label = "Tip-Adapter-F"
     needs = ("views",)
     note = "keys trained on the 10 cached augmented views (epoch e: view e mod 10), not fresh augmentations"
 
@@ -54,14 +57,8 @@ class TipAdapterF(Baseline):
                                            data.val_labels))
                 kept.append(keys.detach().clone())
         best = best_index(scores) if scores else EPOCHS - 1
-        self.keys = kept[best] if kept else keys.detach()
-        self.key_labels, self.epoch = labels, best + 1
-        self.ab = {"a": START[0], "b": START[1], "ab_source": "fixed: no validation data (a = b = 1)"}
+        self.use_keys(kept[best] if kept else keys.detach(), labels)
+        self.epoch = best + 1
 
     def choose(self, data: BaselineData) -> dict:
-        if data.val is not None:
-            self.ab = search_ab(data, self.keys, self.key_labels)
-        return {"epoch": self.epoch, "epoch_source": "val" if data.val is not None else "last", **self.ab}
-
-    def logits(self, data: BaselineData, features: torch.Tensor) -> torch.Tensor:
-        return tip_logits(data, features, self.keys, self.key_labels, self.ab["a"], self.ab["b"])
+        return {"epoch": self.epoch, "epoch_source": "val" if data.val is not None else "last", **super().choose(data)}

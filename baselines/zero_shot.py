@@ -8,6 +8,7 @@ from .base import Baseline, BaselineData
 
 class ZeroShot(Baseline):
     name = "zero_shot"
+    label = "zero-shot CLIP"
 
     def logits(self, data: BaselineData, features: torch.Tensor) -> torch.Tensor:
         return data.zero_shot_logits(features)

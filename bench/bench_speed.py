@@ -23,7 +23,7 @@ runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). 
 3. a 3-run sweep (seeds 1, 2, 3) with and without the cached val/test features;
 4. `train_views: 10` vs faithful mode, per epoch and per run (--epochs epochs), plus
    a repeated evaluation on a cached test set vs recomputing it;
-5. `augment: reference` (the published augmentation: every image read again every epoch, one
+5. `augment: published` (the published augmentation: every image read again every epoch, one
    PIL resampling from full resolution) vs the default batched one: epoch time, and how far
    the two lie apart in pixels for the same crop boxes.
 """
@@ -51,9 +51,6 @@ import torchvision.transforms.functional as TF  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import engine  # noqa: E402
-import evaluation  # noqa: E402
-import training  # noqa: E402
 import clip.backbone as clip_backbone  # noqa: E402
 import clip.weights as clip_weights  # noqa: E402
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
@@ -62,11 +59,14 @@ from clip.region_pool import all_token_forward  # noqa: E402
 from clip.vit_pool import vit_all_token_forward  # noqa: E402
 from datasets import few_shot, read_coop_dataset  # noqa: E402
 from datasets.demo import ensure_demo_dataset  # noqa: E402
-from datasets.loader import INTERPOLATION, eval_transform, make_loader, read_rgb, train_transform  # noqa: E402
-from features import (LiveSource, ReferenceSource, ViewSource, augment, crop_params, eval_store,  # noqa: E402
-                      live_batches)
-from features.decode import DECODE_MARGIN, DecodedImage  # noqa: E402
+from clip.preprocess import INTERPOLATION  # noqa: E402
+from datasets.loader import eval_transform, make_loader, read_rgb, train_transform  # noqa: E402
+from clip.published import numerics_of  # noqa: E402
+from run import engine, evaluation, training  # noqa: E402
 from run.config import build_config  # noqa: E402
+from run.features import (LiveSource, PublishedSource, ViewSource, augment, crop_params, eval_store,  # noqa: E402
+                          live_batches)
+from run.features.decode import DECODE_MARGIN, DecodedImage  # noqa: E402
 from utils import RaftError, ToolParser, autocast, bounded, run_main, setup_logging  # noqa: E402
 
 
@@ -158,7 +158,8 @@ def train_epochs(pool, text, source, cfg, device):
     log = setup_logging(None)
     log.disabled = True
     try:
-        return timed(lambda: training.train_pool(pool, text, source, cfg, device, log), device)[0]
+        learner = training.RaftLearner(pool, text, numerics_of(cfg.pool_precision), cfg, device, cfg.amp)
+        return timed(lambda: training.train_pool(learner, source, cfg, log), device)[0]
     finally:
         log.disabled = False
 
@@ -226,12 +227,12 @@ def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=
 
 
 def bench_augment(clip, text, items, cfg, device, amp, workers, reps=3):
-    """``augment: reference`` (each image read again every epoch, one PIL resampling from full
+    """``augment: published`` (each image read again every epoch, one PIL resampling from full
     resolution, as published) vs the default batched augmentation: epochs of each (medians,
     alternating, after a warm-up each), and how far their pixels lie apart for the same crops."""
     pool = clip.region_pool().to(device)
     sources = {"batched": LiveSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers),
-               "reference": ReferenceSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers)}
+               "published": PublishedSource(clip, items, cfg.batch_size, cfg.seed, device, amp, workers)}
     for source in sources.values():
         train_epochs(pool, text, source, cfg, device)
     times = {name: [] for name in sources}
@@ -239,7 +240,7 @@ def bench_augment(clip, text, items, cfg, device, amp, workers, reps=3):
         for name, source in sources.items():
             times[name].append(train_epochs(pool, text, source, cfg, device))
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    return {"epoch_seconds": seconds, "ratio": seconds["reference"] / seconds["batched"],
+    return {"epoch_seconds": seconds, "ratio": seconds["published"] / seconds["batched"],
             "pixels": augment_pixel_difference(items, clip.preprocess)}
 
 
@@ -320,9 +321,9 @@ def bench_eval(clip, text, items, device, amp, workers, cache, batch):
     store = eval_store(clip, items, cache, "bench_eval_timing", batch, workers, device, amp)
     live_s = timed(lambda: evaluation.collect_logits(pool, text, live_batches(clip, items, eval_transform(clip.preprocess),
                                                                          batch, workers, device, amp),
-                                                 device, amp, "live"), device)[0]
+                                                 device, amp, "live", numerics_of("float32")), device)[0]
     cached_s, cached = timed(lambda: evaluation.collect_logits(pool, text, store.batches(batch, device), device, amp,
-                                                           "cached"), device)
+                                                           "cached", numerics_of("float32")), device)
     return {"images": len(items), "recompute_seconds": live_s, "cached_seconds": cached_s,
             "ratio": live_s / cached_s}
 
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None):
           f"{v['straightforward_run_seconds']:.1f}s ({v['run_ratio_vs_straightforward']:.1f}x)")
     print("    (faithful and straightforward runs = decode + epochs × the measured epoch of part 2)")
     results["augment"] = a = bench_augment(clip, text, items, cfg, device, amp, args.workers)
-    print(f"[5] augment: reference (PIL from full resolution, every epoch) {a['epoch_seconds']['reference']:.2f}s vs "
+    print(f"[5] augment: published (PIL from full resolution, every epoch) {a['epoch_seconds']['published']:.2f}s vs "
           f"batched {a['epoch_seconds']['batched']:.2f}s per epoch -> {a['ratio']:.2f}x; same crops differ by "
           f"{a['pixels']['mean']:.2f} grey levels on average (99th percentile {a['pixels']['p99']:.1f}, max "
           f"{a['pixels']['max']:.0f}; {a['pixels']['crops']} crops)")

@@ -1,4 +1,4 @@
-"""How much of the region pool one float16 AdamW step leaves unchanged (pool_precision: float16_reference).
+"""How much of the region pool one float16 AdamW step leaves unchanged (pool_precision: float16_published).
 
     python bench/first_step_never_moved.py                     # RN50 sizes, random weights, CPU
     python bench/first_step_never_moved.py --backbone ViT-B-16 --lrs 1e-4 1e-5
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
-from clip.reference import make_region_pool, never_moved, reference_adamw  # noqa: E402
-from loss import reference_loss  # noqa: E402
+from clip.published import PublishedNumerics, make_region_pool, never_moved  # noqa: E402
+from clip.loss import published_loss  # noqa: E402
 from utils import ToolParser, bounded, run_main  # noqa: E402
 
 
@@ -44,17 +44,17 @@ def main(argv: list[str] | None = None) -> None:
         v0 = clip.pooled(features).half()                                      # CLIP's own pool on them
     text = torch.nn.functional.normalize(torch.randn(clip.embed_dim, args.classes + 1, generator=gen), dim=0)
     labels = torch.randint(args.classes, (args.batch,), generator=gen)
-    start = make_region_pool(clip, False, "float16_reference").state_dict()
+    start = make_region_pool(clip, False, "float16_published").state_dict()
     print(f"{args.backbone} (random weights): trunk features {tuple(clip.feature_shape)}, batch {args.batch}, "
           f"{args.classes} classes; share of pool entries one float16 AdamW step leaves unchanged")
     for lr in args.lrs:
-        pool = make_region_pool(clip, False, "float16_reference")
+        pool = make_region_pool(clip, False, "float16_published")
         pool.load_state_dict(start)
         v_cls, v_bg = pool(features)
-        loss, _ = reference_loss(v_cls, v_bg, v0, text.half(), labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
+        loss, _ = published_loss(v_cls, v_bg, v0, text.half(), labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
         params = [p for p in pool.parameters() if p.requires_grad]
         loss.backward()
-        optimizer = reference_adamw(params, lr=lr, eps=1e-4, weight_decay=0.01)
+        optimizer = PublishedNumerics().optimizer(params, lr=lr, eps=1e-4, weight_decay=0.01)
         optimizer.step()
         shares = never_moved(start, pool.state_dict())
         sizes = {k: v.numel() for k, v in start.items()}

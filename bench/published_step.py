@@ -1,10 +1,10 @@
-"""How far pool_precision: float16_reference lies from the published code's float16 steps.
+"""How far pool_precision: float16_published lies from the published code's float16 steps.
 
     python bench/published_step.py                     # tiny-rn, 20 steps, batch 32 (seconds)
     python bench/published_step.py --backbone RN50 --steps 5 --batch 8   # minutes on a CPU
 
 Trains the published pool (stated from its facts in tests/test_published_step.py) and this
-project's float16_reference pool on the same float16 inputs at a constant lr, step by step,
+project's float16_published pool on the same float16 inputs at a constant lr, step by step,
 and prints after each of a few steps the share of entries that differ and the largest
 difference, for the published operation order (this version) and for the all-token forward
 on a transposed view (the version before it). Random weights and features: the sizes of the
@@ -12,6 +12,7 @@ differences describe this setting (doc/method.md, Numerics).
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -23,22 +24,22 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clip.backbone import FrozenCLIP, load_open_clip  # noqa: E402
-from clip.reference import make_region_pool, reference_adamw  # noqa: E402
+from clip.published import PublishedNumerics, make_region_pool  # noqa: E402
 from clip.region_pool import all_token_forward  # noqa: E402
-from loss import reference_loss  # noqa: E402
+from clip.loss import published_loss  # noqa: E402
 from test_published_step import PublishedPool  # noqa: E402
 from utils import ToolParser, bounded, run_main  # noqa: E402
 
 
 def trained(make, forward, batches, text, lr):
-    """The pool's tensors after each step (loss and AdamW as float16_reference trains)."""
+    """The pool's tensors after each step (loss and AdamW as float16_published trains)."""
     pool, params = make()
-    optimizer = reference_adamw(params, lr, 1e-4, 0.01) if not isinstance(pool, PublishedPool) else \
+    optimizer = PublishedNumerics().optimizer(params, lr, 1e-4, 0.01) if not isinstance(pool, PublishedPool) else \
         torch.optim.AdamW(pool.parameters(), lr=lr, eps=1e-4)
     states = []
     for fmap, v0, labels in batches:
         v_cls, v_bg = forward(pool, fmap)
-        loss, _ = reference_loss(v_cls, v_bg, v0, text, labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
+        loss, _ = published_loss(v_cls, v_bg, v0, text, labels, tau1=2.0, tau2=3.0, lambda1=0.1, lambda2=0.5)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -58,15 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     classes = 37
     text = F.normalize(torch.randn(clip.embed_dim, classes + 1, generator=gen), dim=0).half()
+    clip_pool = copy.deepcopy(clip.attnpool).half().eval()
     batches = []
     for _ in range(args.steps):
         fmap = torch.randn(args.batch, *clip.feature_shape, generator=gen).relu()
-        with torch.no_grad():
-            v0 = clip.pooled(fmap)
-        batches.append((fmap.half(), v0.half(), torch.randint(classes, (args.batch,), generator=gen)))
+        with torch.no_grad():   # v0 as the published model computes it: CLIP's float16 attention pool
+            v0 = clip_pool(fmap.half())
+        batches.append((fmap.half(), v0, torch.randint(classes, (args.batch,), generator=gen)))
 
     def ours():
-        pool = make_region_pool(clip, False, "float16_reference")
+        pool = make_region_pool(clip, False, "float16_published")
         pool.train()
         return pool, [p for p in pool.parameters() if p.requires_grad]
 

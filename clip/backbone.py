@@ -28,13 +28,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from clip.map_pool import (MapRegionPool, check_map_head, clip_map_attention, clip_map_forward, map_embed_dim,
                            map_prefix_keys)
+from clip.preprocess import Preprocess
 from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
 from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
 # loading lives in clip/weights.py; its names stay importable from here
 from clip.weights import (TINY_INIT_SEED, check_model_name, load_open_clip,  # noqa: F401
                           openai_weights_file, quiet_libraries, read_state_dict, tokenizer_for,
                           weights_identity)
-from datasets.loader import Preprocess
 from utils import RaftError, first_line
 
 
@@ -184,7 +184,7 @@ def family_of(visual: nn.Module, backbone: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def check_backbone(backbone: str) -> str:
+def backbone_family(backbone: str) -> str:
     """Before anything is written: the name is open_clip's and RAFT applies to its image tower.
     The model is built on the meta device (module types, no memory, a fraction of a second)."""
     check_model_name(backbone)

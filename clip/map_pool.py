@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clip.pool import SummaryPool
 from clip.region_pool import folded_queries_attention
 from utils import RaftError
 
@@ -106,30 +107,19 @@ def map_embed_dim(visual: nn.Module) -> int:
     return linears[-1].out_features if linears else map_head(visual).proj.out_features
 
 
-class MapRegionPool(nn.Module):
+class MapRegionPool(SummaryPool):
     """``forward(X: B×N×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off the model."""
 
     def __init__(self, visual: nn.Module, mask_bg_in_cls: bool = False):
-        super().__init__()
         head = map_head(visual)
+        # mask_bg_in_cls: nothing to mask, the queries are not keys
+        super().__init__(head.num_heads, head.kv.in_features, map_embed_dim(visual), mask_bg_in_cls)
         self.q, self.kv, self.proj = (copy.deepcopy(m) for m in (head.q, head.kv, head.proj))
-        self.num_heads = head.num_heads
         latent = head.latent.detach()[0, :1]                              # 1×W: the head's query
         self.latent = nn.Parameter(torch.cat([latent, latent]).clone())   # [l_cls, l_bg]
-        self.mask_bg_in_cls = mask_bg_in_cls   # nothing to mask: the queries are not keys
         self.summary_keys = map_prefix_keys(visual.trunk)   # keys before the grid (none for SigLIP)
-        self._embed_dim = map_embed_dim(visual)
         self.__dict__["tail"] = MapTail.of(visual)   # the model's modules: not registered, trained or saved
-        for p in self.parameters():
-            p.requires_grad_(True)
-
-    @property
-    def feature_channels(self) -> int:
-        return self.kv.in_features
-
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
+        self.make_trainable()
 
     def attention(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention outputs of the two latents before ``proj`` (``B×2×W``) and the weights
@@ -137,10 +127,8 @@ class MapRegionPool(nn.Module):
         queries = self.latent.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         return folded_queries_attention(queries, tokens, head_projections(self), self.num_heads)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, _ = self.attention(tokens)
-        v = self.tail.finish(self.proj(out))
-        return v[:, 0], v[:, 1]
+    def finish(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.tail.finish(self.proj(attended))
 
 
 def map_all_token_forward(pool: MapRegionPool, visual: nn.Module,

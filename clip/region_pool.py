@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip.pool import SummaryPool
+
 
 def summary_tokens(fmap: torch.Tensor, positional_embedding: torch.Tensor, n_summary: int) -> torch.Tensor:
     """``B×E×H×W`` map -> ``B×(n_summary+HW)×E`` tokens: ``n_summary`` copies of the mean, then the grid."""
@@ -91,14 +93,12 @@ def clip_pool_forward(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     return attnpool.c_proj(out[:, 0])
 
 
-class RegionAttentionPool(nn.Module):
+class RegionAttentionPool(SummaryPool):
     """``forward(F: B×E×H×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off ``attnpool``."""
 
-    summary_keys = 2   # the attention's keys start with the two summary tokens, then the grid
-
     def __init__(self, attnpool: nn.Module, mask_bg_in_cls: bool = False):
-        super().__init__()
-        self.num_heads = attnpool.num_heads
+        super().__init__(attnpool.num_heads, attnpool.k_proj.in_features, attnpool.c_proj.out_features,
+                         mask_bg_in_cls)
         self.q_proj = copy.deepcopy(attnpool.q_proj)
         self.k_proj = copy.deepcopy(attnpool.k_proj)
         self.v_proj = copy.deepcopy(attnpool.v_proj)
@@ -107,17 +107,7 @@ class RegionAttentionPool(nn.Module):
         # Two summary tokens start from the same positional row; they diverge only because
         # their rows receive different gradients, so the embedding must stay trainable.
         self.positional_embedding = nn.Parameter(torch.cat([pos[:1], pos[:1], pos[1:]]))
-        self.mask_bg_in_cls = mask_bg_in_cls
-        for p in self.parameters():
-            p.requires_grad_(True)
-
-    @property
-    def feature_channels(self) -> int:
-        return self.k_proj.in_features
-
-    @property
-    def embed_dim(self) -> int:
-        return self.c_proj.out_features
+        self.make_trainable()
 
     def attention(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention outputs of the two summary tokens before ``c_proj`` (``B×2×E``) and the
@@ -129,10 +119,8 @@ class RegionAttentionPool(nn.Module):
             mask[0, 0, 1] = True  # class token ignores the background token -> v_cls == CLIP's v0 at init
         return folded_attention(tokens, 2, projections(self), self.num_heads, mask)
 
-    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, _ = self.attention(fmap)
-        out = self.c_proj(out)
-        return out[:, 0], out[:, 1]
+    def finish(self, fmap: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(attended)
 
 
 def all_token_forward(pool: RegionAttentionPool, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

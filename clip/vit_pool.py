@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clip.pool import SummaryPool
 from clip.region_pool import folded_attention, projections
 
 
@@ -79,32 +80,18 @@ def clip_vit_forward(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return FrozenTail.of(visual).finish(tokens[:, :1], attended)[:, 0]
 
 
-class ViTRegionPool(nn.Module):
+class ViTRegionPool(SummaryPool):
     """``forward(X: B×(1+N)×W) -> (v_cls: B×D, v_bg: B×D)``; every size is read off the model."""
 
-    summary_keys = 2   # the attention's keys start with the two summary tokens, then the grid
-
     def __init__(self, visual: nn.Module, mask_bg_in_cls: bool = False):
-        super().__init__()
         attn = last_block_attention(visual)
+        super().__init__(attn.num_heads, attn.embed_dim, visual.proj.shape[1], mask_bg_in_cls)
         self.attn = copy.deepcopy(attn)
-        self.num_heads = attn.num_heads
-        width = attn.embed_dim
         # e_cls, e_bg: zero, so both summary tokens start as CLIP's class token
-        self.summary_offsets = nn.Parameter(torch.zeros(2, width, dtype=attn.in_proj_weight.dtype,
+        self.summary_offsets = nn.Parameter(torch.zeros(2, attn.embed_dim, dtype=attn.in_proj_weight.dtype,
                                                         device=attn.in_proj_weight.device))
-        self.mask_bg_in_cls = mask_bg_in_cls
         self.__dict__["tail"] = FrozenTail.of(visual)  # CLIP's modules: not registered, not trained, not saved
-        for p in self.parameters():
-            p.requires_grad_(True)
-
-    @property
-    def feature_channels(self) -> int:
-        return self.attn.embed_dim
-
-    @property
-    def embed_dim(self) -> int:
-        return self.tail.proj.shape[1]
+        self.make_trainable()
 
     def summary_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[x_cls + e_cls, x_cls + e_bg]``: ``B×2×W``."""
@@ -128,17 +115,15 @@ class ViTRegionPool(nn.Module):
         mask = self.attention_mask(2, keys.shape[1], tokens.device)
         return folded_attention(keys, 2, projections(self.attn), self.num_heads, mask)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, _ = self.attention(tokens)
-        v = self.tail.finish(self.summary_inputs(tokens), self.attn.out_proj(out))
-        return v[:, 0], v[:, 1]
+    def finish(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.tail.finish(self.summary_inputs(tokens), self.attn.out_proj(attended))
 
 
 def vit_all_token_forward(pool: ViTRegionPool, tokens: torch.Tensor,
                           tail: FrozenTail | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward computation: the whole last block (with the pool's attention) on
     all N+2 tokens, then keep tokens 0 and 1. Ground truth of the tests, baseline of the
-    benchmark. ``tail``: other copies of CLIP's frozen parts (float16 ones, clip/reference.py)."""
+    benchmark. ``tail``: other copies of CLIP's frozen parts (float16 ones, clip/published.py)."""
     tail = tail or pool.tail
     s = pool.sequence(tokens)
     y = tail.ln_1(s)

@@ -1,6 +1,6 @@
 """Dataset readers (CoOp layout), the few-shot sampler, transforms and loaders."""
 from .base import DatasetSplits, Datum, ShiftSet
-from .coop import LAYOUTS, read_coop_dataset
+from .coop import BENCHMARK, LAYOUTS, read_coop_dataset
 from .fewshot import (SAMPLER_VERSION, few_shot, sample_digest, sample_per_class, save_list, saved_meta,
                       saved_sample_differs, validation_from_train)
 from .folder import read_folder_dataset
@@ -24,6 +24,6 @@ def load_dataset(cfg) -> DatasetSplits:
     return read_coop_dataset(cfg.dataset, cfg.data_path)
 
 
-__all__ = ["DatasetSplits", "Datum", "ShiftSet", "LAYOUTS", "read_coop_dataset", "few_shot", "sample_per_class",
+__all__ = ["DatasetSplits", "Datum", "ShiftSet", "BENCHMARK", "LAYOUTS", "read_coop_dataset", "few_shot", "sample_per_class",
            "save_list", "validation_from_train", "SAMPLER_VERSION", "sample_digest", "saved_meta", "saved_sample_differs",
            "read_folder_dataset", "SHIFT_LAYOUTS", "read_imagenet", "read_shift_set", "load_dataset"]

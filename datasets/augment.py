@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from clip.preprocess import INTERPOLATION, Preprocess, as_preprocess
 from utils import RaftError, autocast
 
-from .loader import INTERPOLATION, Preprocess, UnreadableImage, as_preprocess, read_rgb
+from .loader import UnreadableImage, read_rgb
 
 CROP_SCALE = (0.8, 1.0)                  # RandomResizedCrop of doc/method.md §6
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -159,14 +160,14 @@ def prepare_batch(images: list[torch.Tensor], spec: Preprocess | int, gen: torch
 
 @dataclass
 class ReadyBatch:
-    """A batch the host finished (``augment: reference``): ``B×3×S×S`` normalised pixels."""
+    """A batch the host finished (``augment: published``): ``B×3×S×S`` normalised pixels."""
     pixels: torch.Tensor
 
     def finish(self, device: torch.device, amp: bool = False) -> torch.Tensor:
         return self.pixels.to(device, non_blocking=True)
 
 
-def reference_crop(path: str, box: tuple[int, int, int, int], flip: bool, pre: Preprocess) -> torch.Tensor:
+def published_crop(path: str, box: tuple[int, int, int, int], flip: bool, pre: Preprocess) -> torch.Tensor:
     """The published transform on one image, given its crop: the file decoded at full
     resolution, cropped and resized by PIL (the model's filter, bicubic for CLIP, as
     torchvision's RandomResizedCrop on a PIL image), flipped, converted to 0..1 and normalised
@@ -182,20 +183,20 @@ def reference_crop(path: str, box: tuple[int, int, int, int], flip: bool, pre: P
     return TF.normalize(TF.to_tensor(img), pre.mean, pre.std)
 
 
-def reference_batch(paths: list[str], sizes: list[tuple[int, int]], spec: Preprocess | int, gen: torch.Generator,
+def published_batch(paths: list[str], sizes: list[tuple[int, int]], spec: Preprocess | int, gen: torch.Generator,
                     keep: slice = slice(None), threads: int = 1, pin: bool = False) -> ReadyBatch:
-    """``augment: reference``: draw flips and crops as ``prepare_batch`` does (the flips, then each
+    """``augment: published``: draw flips and crops as ``prepare_batch`` does (the flips, then each
     image's crop, on its full-resolution ``(height, width)``), then make this process's crops
-    with ``reference_crop``, in ``threads`` threads (PIL's decoding and resampling release the GIL)."""
+    with ``published_crop``, in ``threads`` threads (PIL's decoding and resampling release the GIL)."""
     pre = as_preprocess(spec)
     flips = torch.rand(len(paths), generator=gen) < 0.5
     boxes = [crop_params(h, w, gen) for h, w in sizes]
     work = list(zip(paths, boxes, flips.tolist()))[keep]
     if threads > 1 and len(work) > 1:
         with ThreadPoolExecutor(max_workers=min(threads, len(work))) as pool:
-            crops = list(pool.map(lambda job: reference_crop(job[0], job[1], job[2], pre), work))
+            crops = list(pool.map(lambda job: published_crop(job[0], job[1], job[2], pre), work))
     else:
-        crops = [reference_crop(p, b, f, pre) for p, b, f in work]
+        crops = [published_crop(p, b, f, pre) for p, b, f in work]
     pixels = torch.stack(crops) if crops else torch.zeros(0, 3, pre.size, pre.size)
     return ReadyBatch(pixels.pin_memory() if pin else pixels)
 

@@ -36,6 +36,7 @@ class Layout:
     templates: tuple[str, ...]     # used when no description file covers a class
     reader: str = "json"           # "json" (CoOp split file) or "fgvc" (FGVC's text files)
     variants: tuple[Variant, ...] = ()   # other layouts people have (doc/datasets.md)
+    benchmark: bool = True         # one of the paper's datasets (the sweeps' default, summarize's columns)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -52,8 +53,11 @@ LAYOUTS: dict[str, Layout] = {
     "eurosat": Layout("2750", "split_zhou_EuroSAT.json", ("a centered satellite photo of {}.",)),
     "ucf101": Layout("UCF-101-midframes", "split_zhou_UCF101.json", ("a photo of a person doing {}.",)),
     # the offline demo's generated dataset (datasets/demo.py)
-    "demo": Layout("images", "split_zhou_Demo.json", ("a photo of a {}.",)),
+    "demo": Layout("images", "split_zhou_Demo.json", ("a photo of a {}.",), benchmark=False),
 }
+# The benchmark's 11 datasets in the paper's column order (ImageNet, then the ten by name): what
+# the sweeps run by default (scripts/common.sh), check_data.py checks and summarize.py orders by.
+BENCHMARK = ("imagenet", *sorted(name for name, layout in LAYOUTS.items() if layout.benchmark))
 SPLITS = ("train", "val", "test")
 log = logging.getLogger("raft")
 

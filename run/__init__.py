@@ -1,2 +1,2 @@
-"""Everything about one run beside the method itself: its configuration, its processes, its
-folder, and the files it leaves there (checkpoints, results)."""
+"""One run, phase by phase (engine.py): its configuration, processes and folder, the model, training,
+evaluation, the other methods on the same ground, and the files it leaves (checkpoints, results)."""

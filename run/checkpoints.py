@@ -14,7 +14,7 @@ import torch
 
 from clip.backbone import FrozenCLIP, batchnorm_statistics
 from datasets.base import DatasetSplits
-from run.config import Config, check_values
+from run.config import ADOPTED_KEYS, SOURCE_ONLY_KEYS, Config, check_values, current_values
 from utils import RaftError, first_line, printable, read_json, torch_load, torch_save
 
 # 1: the pool, its config, class names and text classifier;
@@ -49,6 +49,16 @@ def tensor_dict(value) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str) -> None:
+    """Every floating-point tensor read back holds numbers only: a NaN or infinite pool would
+    score every image alike and be reported as a result. One line naming the first bad tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise RaftError(f"{where}: {what} '{name}' holds {bad:,} NaN or infinite value{'s' if bad != 1 else ''} "
+                            f"of {tensor.numel():,}: refusing to use it (train it again with --force)")
+
+
 # --------------------------------------------------------------------------- the published code's checkpoints
 PUBLISHED_PREFIX = "attnpool."   # the published MyPooling's state dict: its AttentionPool2d under this name
 
@@ -69,6 +79,7 @@ def published_pool_state(ckpt: dict, pool: torch.nn.Module, path: Path, backbone
     if set(state) != set(expected) or not tensor_dict(state):
         missing = sorted(set(expected) - set(state)) or sorted(set(state) - set(expected))
         raise RaftError(f"{printable(path)} is not a published RAFT pool of a ResNet ({missing[:1]} differs)")
+    check_finite(state, printable(path), "the published pool's tensor")
     wrong = [f"{k} {tuple(state[k].shape)} there, {tuple(v.shape)} for {backbone}" for k, v in expected.items()
              if state[k].shape != v.shape]
     if wrong:
@@ -99,7 +110,9 @@ def validate_checkpoint(ckpt, path: Path) -> dict:
 
     if not tensor_dict(ckpt["pool"]) or not ckpt["pool"]:
         bad("pool", "the region pool's state dict (names -> tensors)")
+    check_finite(ckpt["pool"], where, "the pool's tensor")
     check_values(ckpt["config"], where)
+    ckpt["config"] = current_values(ckpt["config"])
     for field, ok, expected in (
             ("backbone", lambda v: isinstance(v, str), "a backbone name"),
             ("dataset", lambda v: v is None or isinstance(v, str), "a dataset name"),
@@ -116,6 +129,8 @@ def validate_checkpoint(ckpt, path: Path) -> dict:
             ("history", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "per-epoch rows")):
         if field in ckpt and not ok(ckpt[field]):
             bad(field, expected)
+    if "trunk_batchnorm" in ckpt:
+        check_finite(ckpt["trunk_batchnorm"], where, "the trunk's BatchNorm statistic")
     classes = ckpt.get("num_classes")
     if classes is not None and "classnames" in ckpt and len(ckpt["classnames"]) != classes:
         raise RaftError(f"{where}: {len(ckpt['classnames'])} class names for {classes} classes")
@@ -139,7 +154,7 @@ def source_dataset(ckpt: dict) -> str | None:
     return None if name in (None, "folder") else name
 
 
-def check_backbone(ckpt: dict, path: Path, cfg: Config) -> None:
+def check_checkpoint_backbone(ckpt: dict, path: Path, cfg: Config) -> None:
     if ckpt.get("backbone") != cfg.backbone:
         raise RaftError(f"checkpoint {printable(path)} was trained with backbone {ckpt.get('backbone')}, "
                         f"this run uses {cfg.backbone}")
@@ -164,23 +179,14 @@ def load_pool_state(pool: torch.nn.Module, ckpt: dict, path: Path) -> None:
                         f"{first_line(exc)}") from None
 
 
-# Settings that shape what a trained pool computes, or which images it was trained on:
-# evaluation of a checkpoint takes them from the checkpoint, not from the command line.
-# val_per_class too: it decides the validation images (and so alpha) of a dataset without a val split.
-TRAINING_KEYS = ("shots", "seed", "quick_gelu", "calibrate_bn", "mask_bg_in_cls", "renorm_bg_text",
-                 "descriptions", "templates", "logit_scale", "val_per_class", "protocol", "pool_precision")
-
-
-# ... of which these describe the source dataset's classes, not the pool: a transfer uses the target's.
-SOURCE_ONLY_KEYS = ("descriptions", "templates", "protocol")
-
-
 def adopt_checkpoint(cfg: Config, flags: argparse.Namespace, ckpt: dict, transfer: bool, log) -> Config:
     """The settings that define the checkpoint's model: its training settings always (not its
-    class text, for a transfer), its backbone and weights unless the command line gives them."""
+    class text, for a transfer), its backbone and weights unless the command line gives them. The
+    settings adopted are the schema's ``adopted`` keys (run/config.py): they shape what the pool
+    computes or which images it was trained (and its alpha chosen) on."""
     trained, given = ckpt["config"], getattr(flags, "overrides", {})
     keys = [*(k for k in ("backbone", "weights") if k not in given),
-            *(k for k in TRAINING_KEYS if not (transfer and k in SOURCE_ONLY_KEYS))]
+            *(k for k in ADOPTED_KEYS if not (transfer and k in SOURCE_ONLY_KEYS))]
     changed = {k: trained[k] for k in keys if k in trained and trained[k] != cfg[k]}
     if "num_classes" not in given and cfg.num_classes is not None:
         changed["num_classes"] = None  # the classes are checked by name against the checkpoint's (or a transfer's own)
@@ -211,8 +217,9 @@ def read_results(path: Path) -> dict:
                         f"('{problems[0]}' is missing or wrong)")
     if "config" in results:
         check_values(results["config"], f"results file {printable(path)}")
+        results["config"] = current_values(results["config"])
     return results
 
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "validate_checkpoint",
-           "source_dataset", "check_backbone", "check_same_classes", "load_pool_state", "read_results"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "validate_checkpoint", "source_dataset",
+           "check_checkpoint_backbone", "check_same_classes", "check_finite", "load_pool_state", "read_results"]

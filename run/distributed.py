@@ -14,15 +14,11 @@ import socket
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING
-
 import torch
 
+from run.config import Config
+from run.context import RunFolder
 from utils import RaftError, first_line, resolve_device
-
-if TYPE_CHECKING:
-    from run.config import Config
-    from run.folders import RunPlan
 
 RENDEZVOUS_TIMEOUT = 60.0  # seconds to reach torchrun's rendezvous before giving up with a clear message
 
@@ -195,7 +191,7 @@ def check_global_batch(cfg: Config, world: World) -> None:
                         f"process needs images of every global batch (raise batch_size or use fewer processes)")
 
 
-def choose_device(cfg: Config, plan: RunPlan) -> tuple[torch.device, bool]:
+def choose_device(cfg: Config, folder: RunFolder) -> tuple[torch.device, bool]:
     """This process's device (under torchrun: the GPU of its local rank) and whether it uses amp."""
     world = WORLD
     device = resolve_device(f"cuda:{world.local_rank}" if world.many and cfg.device in ("auto", "cuda")
@@ -203,6 +199,6 @@ def choose_device(cfg: Config, plan: RunPlan) -> tuple[torch.device, bool]:
     use_amp = cfg.amp and device.type == "cuda"
     if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
         torch.backends.cudnn.benchmark = True
-    plan.log.info(f"run folder {plan.run_dir}  device {device}{' (amp)' if use_amp else ''}  "
-                  f"torch {torch.__version__}" + (f"  {world.size} processes (torchrun)" if world.many else ""))
+    folder.log.info(f"run folder {folder.run_dir}  device {device}{' (amp)' if use_amp else ''}  "
+                    f"torch {torch.__version__}" + (f"  {world.size} processes (torchrun)" if world.many else ""))
     return device, use_amp

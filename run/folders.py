@@ -8,22 +8,21 @@ these settings, on this data), trained but not evaluated, resumable, or new.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
-import logging
+import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from clip.weights import check_weights_available
 from datasets import DatasetSplits
-from run.checkpoints import adopt_checkpoint, check_backbone, read_checkpoint, read_results, source_dataset
-from run.config import (NOT_TRAINING_KEYS, SCHEMA, Config, check_outside_data, describe_changes, load_yaml,
-                        settings_differ)
+from run.checkpoints import (adopt_checkpoint, check_checkpoint_backbone, read_checkpoint, read_results,
+                             source_dataset)
+from run.config import (NAMED_KEYS, NOT_TRAINING_KEYS, SCHEMA, Config, check_outside_data, load_yaml,
+                        require_same_settings)
+from run.context import RunFolder
 from run.distributed import WORLD
-from utils import RaftError, printable, remove_temporaries, setup_logging
-
-# Already spelled out in the folder name, so never part of its tag.
-NAMED_KEYS = {"backbone", "shots", "seed", "train_views", "name", "protocol"}
+from utils import RaftError, check_component, printable, remove_temporaries, setup_logging
 
 
 MAX_TAG = 64  # longer tags keep their first settings and a hash of all of them
@@ -65,35 +64,80 @@ def run_name(cfg: Config) -> str:
     views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
     protocol = "" if cfg.protocol == "fewshot" else f"_{cfg.protocol}"
     tag = f"_{cfg.name}" if cfg.name else ""
-    return f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{tag}"
+    return check_component(f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{tag}", "the run's name")
 
 
 def run_dir_of(cfg: Config, dataset: str) -> Path:
-    return Path(cfg.output_dir) / dataset / run_name(cfg)
+    """output_dir/<dataset>/<run name>: two names, each a plain folder name (never a path that
+    leaves output_dir)."""
+    return Path(cfg.output_dir) / check_component(dataset, "the dataset's name") / run_name(cfg)
 
 
-@dataclass
-class RunPlan:
-    """Where a run reads and writes, and what it starts from."""
-    cfg: Config
-    log: logging.Logger
-    run_dir: Path
-    results_path: Path
-    ckpt_path: Path
-    state_path: Path | None = None   # where training saves its resumable state (None: no training)
-    ckpt: dict | None = None         # a trained pool to evaluate instead of training one
-    transfer_from: str | None = None  # evaluating a pool trained on this other dataset
-    share_rounding: dict | None = None  # dist_exact: whether the processes' trunk shares round as one batch
+class FolderLock:
+    """A run folder belongs to one run at a time: an OS lock on ``<folder>/.lock`` held for the
+    whole run (released when the run ends or its process dies). Under torchrun rank 0 holds it
+    for every process of the run."""
 
-    @property
-    def trains(self) -> bool:
-        return self.ckpt is None
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = run_dir / ".lock", None
+
+    def acquire(self) -> None:
+        failed = None
+        if WORLD.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, f"{os.getpid()}\n".encode())
+            except BlockingIOError:
+                holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+                self.release()
+                failed = holder
+        if WORLD.any(failed is not None):
+            raise RaftError(f"another run (process {failed or 'of rank 0'}) is using {printable(self.path.parent)}: "
+                            f"wait for it to end, or give this run its own folder with --name TAG")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing the descriptor releases the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
-def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> RunPlan | None:
-    """Decide the run folder and what it starts from; None when the run has already finished."""
-    cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+LOCKS: dict[Path, FolderLock] = {}   # the folders this process's runs hold (one run at a time per process)
+
+
+def lock_folder(run_dir: Path) -> None:
+    lock = FolderLock(run_dir)
+    lock.acquire()
+    LOCKS[run_dir] = lock
+
+
+def release_folder(run_dir: Path) -> None:
+    lock = LOCKS.pop(run_dir, None)
+    if lock is not None:
+        lock.release()
+
+
+def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits,
+             trains: bool = True) -> tuple[Config, RunFolder] | None:
+    """Decide the run folder and what it starts from; None when the run has already finished.
+    ``trains`` False: the methods alone (scripts/run_baselines.py), written to baselines.json in
+    the run's folder. A folder a run writes in is locked for that run (``FolderLock``)."""
+    cfg = Config(dict(cfg) | {"name": check_component(run_tag(cfg, flags), "--name", allow_empty=True)})
     check_outside_data(cfg)
+    if not trains:
+        run_dir = run_dir_of(cfg, data.name)
+        lock_folder(run_dir)
+        return cfg, RunFolder(setup_logging(run_dir / "log.txt"), run_dir, run_dir / "baselines.json",
+                              run_dir / "checkpoint.pt", trains=False)
     if flags.eval_only:  # results go next to the checkpoint, under its training settings
         ckpt_path = Path(flags.checkpoint) if flags.checkpoint else run_dir_of(cfg, data.name) / "checkpoint.pt"
         ckpt = read_checkpoint(ckpt_path)
@@ -105,58 +149,68 @@ def plan_run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits) -> Run
         run_dir = ckpt_path.parent
         log = setup_logging(run_dir / ("log.txt" if same else f"log_transfer_{data.name}.txt"))   # a transfer: its own
         cfg = adopt_checkpoint(cfg, flags, ckpt, transfer=not same, log=log)
-        check_backbone(ckpt, ckpt_path, cfg)
+        check_checkpoint_backbone(ckpt, ckpt_path, cfg)
         if same:  # its classes are checked against the task's (make_task); each purpose its own file
             purpose = "results_shift.json" if cfg.shift_sets else "results_eval.json"
-            return RunPlan(cfg, log, run_dir, run_dir / purpose, ckpt_path, ckpt=ckpt)
+            return cfg, RunFolder(log, run_dir, run_dir / purpose, ckpt_path, ckpt=ckpt, trains=False)
         log.info(f"cross-dataset transfer: a pool trained on {source}, evaluated on {data.name}")
-        return RunPlan(cfg, log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
-                       transfer_from=source)
+        return cfg, RunFolder(log, run_dir, run_dir / f"transfer_{data.name}.json", ckpt_path, ckpt=ckpt,
+                              transfer_from=source, trains=False)
     run_dir = run_dir_of(cfg, data.name)
-    plan = RunPlan(cfg, None, run_dir, run_dir / "results.json", run_dir / "checkpoint.pt", run_dir / "resume.pt")
-    if plan.results_path.is_file() and not flags.force and finished_here(plan, cfg, data):
-        print(f"{printable(plan.results_path)} exists: run already finished (use --force to run it again; "
+    results_path, ckpt_path, state_path = run_dir / "results.json", run_dir / "checkpoint.pt", run_dir / "resume.pt"
+    if results_path.is_file() and not flags.force and finished_here(results_path, cfg, data):
+        print(f"{printable(results_path)} exists: run already finished (use --force to run it again; "
               f"--eval-only evaluates it again under other evaluation settings)")
         return None
     check_weights_available(cfg.backbone, cfg.weights)   # missing weights: one line, nothing written
-    plan.log = setup_logging(run_dir / "log.txt")
+    lock_folder(run_dir)
+    try:
+        return cfg, open_folder(cfg, flags, run_dir, results_path, ckpt_path, state_path)
+    except BaseException:
+        release_folder(run_dir)
+        raise
+
+
+def open_folder(cfg: Config, flags: argparse.Namespace, run_dir: Path, results_path: Path, ckpt_path: Path,
+                state_path: Path) -> RunFolder:
+    """The locked folder of a training run made ready: its log, no stale temporaries, with
+    --force no old state; a checkpoint of a run that stopped before its results is evaluated."""
+    log = setup_logging(run_dir / "log.txt")
     world = WORLD
     if world.main:
         remove_temporaries(run_dir)  # left by a process killed while writing
         if flags.force:
-            plan.state_path.unlink(missing_ok=True)
-            plan.ckpt_path.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            ckpt_path.unlink(missing_ok=True)
     world.barrier()  # every process sees the folder as rank 0 left it
-    if not flags.force and plan.ckpt_path.is_file():  # trained, but stopped before its results were written
-        ckpt = read_checkpoint(plan.ckpt_path)
-        check_backbone(ckpt, plan.ckpt_path, cfg)
-        changed = settings_differ(ckpt["config"], cfg)
-        if changed:
-            raise RaftError(f"{plan.ckpt_path} was trained with other settings ({describe_changes(changed)}); "
-                            f"use --force to train again")
-        plan.ckpt = ckpt
-        plan.log.info(f"training already finished ({plan.ckpt_path}): evaluating")
-    return plan
+    ckpt = None
+    if not flags.force and ckpt_path.is_file():  # trained, but stopped before its results were written
+        ckpt = read_checkpoint(ckpt_path)
+        check_checkpoint_backbone(ckpt, ckpt_path, cfg)
+        require_same_settings(ckpt["config"], cfg, f"{printable(ckpt_path)} was trained with other settings ({{}}); "
+                                                   f"use --force to train again")
+        log.info(f"training already finished ({ckpt_path}): evaluating")
+    return RunFolder(log, run_dir, results_path, ckpt_path, state_path, ckpt=ckpt, trains=ckpt is None)
 
 
-def finished_here(plan: RunPlan, cfg: Config, data: DatasetSplits) -> bool:
+def finished_here(results_path: Path, cfg: Config, data: DatasetSplits) -> bool:
     """Whether the run folder's results.json answers for this run: made with these training
     settings (the ones written in config files too, not only the folder name's) on this data.
     A damaged results file is not an answer: the run is evaluated or trained again. Results of
     other settings or other data are refused, never reported as this run's."""
+    run_dir = results_path.parent
     try:
-        results = read_results(plan.results_path)
+        results = read_results(results_path)
     except RaftError as exc:
         print(f"warning: {exc}: evaluating the run again", file=sys.stderr)
         return False
     saved = results.get("config")
-    if saved is None and (plan.run_dir / "config.yaml").is_file():   # results of versions that did not record it
-        saved = load_yaml(plan.run_dir / "config.yaml")
-    changed = settings_differ(saved, cfg) if saved is not None else {}
-    if changed:
-        raise RaftError(f"{plan.run_dir} holds a finished run with other settings ({describe_changes(changed)}): "
-                        f"give this one its own folder with --name TAG, or --force to replace it")
-    check_same_data(results.get("data_sha256"), data, plan.run_dir)
+    if saved is None and (run_dir / "config.yaml").is_file():   # results of versions that did not record it
+        saved = load_yaml(run_dir / "config.yaml")
+    if saved is not None:
+        require_same_settings(saved, cfg, f"{printable(run_dir)} holds a finished run with other settings ({{}}): "
+                                          f"give this one its own folder with --name TAG, or --force to replace it")
+    check_same_data(results.get("data_sha256"), data, run_dir)
     return True
 
 

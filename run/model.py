@@ -3,64 +3,63 @@ classifier of the trained and of each scored class set, and a fresh region pool.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip, restore_batchnorm
-from clip.reference import make_region_pool
 from clip.text import cached_text_matrix, class_sentences, load_descriptions
 from datasets import DatasetSplits
 from datasets.loader import eval_transform, make_loader
 from datasets.published import file_blob_id, published_descriptions
 from run.config import Config
+from run.context import Model, RunContext
 from run.distributed import WORLD
 from utils import RaftError
 
-if TYPE_CHECKING:
-    from run.folders import RunPlan
-    from run.task import ImageSets, Task
 
-@dataclass
-class Model:
-    clip: FrozenCLIP
-    text: torch.Tensor           # D × (C+1) of the trained classes: class columns, then the background column
-    pool: torch.nn.Module        # RegionAttentionPool (ResNet) or ViTRegionPool
-    target_text: dict[str, torch.Tensor]   # the same for each scored class set
-
-
-def load_frozen_clip(cfg: Config, images: ImageSets, plan: RunPlan, device: torch.device) -> FrozenCLIP:
-    """Frozen CLIP; a random trunk's BatchNorm statistics restored from the checkpoint, or
-    measured on the few-shot images (a deterministic function of them)."""
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights).to(device)
-    if plan.ckpt is not None and plan.ckpt.get("trunk_batchnorm"):  # measured in training: not read again
-        restore_batchnorm(clip, plan.ckpt["trunk_batchnorm"])
-        plan.log.info(f"BatchNorm statistics restored from {plan.ckpt_path}")
-    elif cfg.calibrate_bn:
-        calibrate_on(clip, images.train, cfg, device, plan.log)
+def frozen_clip(cfg: Config, batchnorm: dict | None = None) -> FrozenCLIP:
+    """The frozen CLIP a config names (backbone, weights, QuickGELU), on the CPU; ``batchnorm``:
+    a random trunk's BatchNorm statistics measured in training (a checkpoint's), put back."""
+    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights)
+    if batchnorm:
+        restore_batchnorm(clip, batchnorm)
     return clip
 
 
-def task_texts(clip: FrozenCLIP, cfg: Config, task: Task, device: torch.device, log) -> tuple[torch.Tensor, dict]:
+def load_frozen_clip(ctx: RunContext) -> FrozenCLIP:
+    """Frozen CLIP on the run's device; a random trunk's BatchNorm statistics restored from the
+    checkpoint, or measured on the few-shot images (a deterministic function of them)."""
+    ckpt = ctx.folder.ckpt
+    measured = ckpt.get("trunk_batchnorm") if ckpt is not None else None
+    clip = frozen_clip(ctx.cfg, measured).to(ctx.device)
+    if measured:   # measured in training: not read again
+        ctx.log.info(f"BatchNorm statistics restored from {ctx.folder.ckpt_path}")
+    elif ctx.cfg.calibrate_bn:
+        calibrate_on(clip, ctx.images.train, ctx.cfg, ctx.device, ctx.log)
+    return clip
+
+
+def task_texts(ctx: RunContext, clip: FrozenCLIP) -> tuple[torch.Tensor, dict]:
     """The text matrix of the trained classes, and of each scored class set."""
+    task = ctx.task
     views = {id(view): view for view in (task.train, *task.targets.values())}   # each class set once
-    texts = {key: build_text(clip, view, cfg, log).to(device) for key, view in views.items()}
+    texts = {key: build_text(clip, view, ctx.cfg, ctx.log).to(ctx.device) for key, view in views.items()}
     return texts[id(task.train)], {name: texts[id(view)] for name, view in task.targets.items()}
 
 
-def build_model(cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
-                device: torch.device) -> Model:
-    log = plan.log
-    clip = load_frozen_clip(cfg, images, plan, device)
-    text, target_text = task_texts(clip, cfg, task, device, log)
-    pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision).to(device)
-    log.info(f"backbone {cfg.backbone} (weights {cfg.weights or 'random'}): {clip.spec.what} "
-             f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding {clip.embed_dim}, "
-             f"{pool.num_heads} heads, {sum(p.numel() for p in pool.parameters() if p.requires_grad):,} "
-             f"trainable parameters")
-    return Model(clip, text, pool, target_text)
+def build_model(ctx: RunContext, pool: bool = True) -> Model:
+    """Frozen CLIP, the text classifiers and (``pool``) a fresh region pool in the run's numerics."""
+    clip = load_frozen_clip(ctx)
+    text, target_text = task_texts(ctx, clip)
+    if not pool:
+        return Model(clip, text, None, target_text)
+    region_pool = ctx.numerics.pool(clip, ctx.cfg.mask_bg_in_cls).to(ctx.device)
+    ctx.log.info(f"backbone {ctx.cfg.backbone} (weights {ctx.cfg.weights or 'random'}): {clip.spec.what} "
+                 f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding "
+                 f"{clip.embed_dim}, {region_pool.num_heads} heads, "
+                 f"{sum(p.numel() for p in region_pool.parameters() if p.requires_grad):,} trainable parameters")
+    return Model(clip, text, region_pool, target_text)
 
 
 GPT3_DIR = Path(__file__).resolve().parents[1] / "gpt3_file"   # where `descriptions: auto` looks

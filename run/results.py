@@ -6,38 +6,29 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from datasets import DatasetSplits
+from clip.published import never_moved
 from datasets.published import published_descriptions
-from run.checkpoints import read_results
-from run.model import text_source
-from run.config import Config
+from run.context import Model, RunContext, Trained
 from run.distributed import WORLD
-import utils
-from utils import RaftError, write_json
-
-if TYPE_CHECKING:
-    from run.folders import RunPlan
-
-def source_alpha(plan: RunPlan, cfg: Config) -> tuple[float, str]:
-    """A transfer is scored at the alpha its source run chose on its own validation data
-    (or at a fixed --alpha): nothing about the target's labels chooses anything."""
-    if cfg.alpha is not None:
-        return cfg.alpha, "config"
-    source_results = plan.ckpt_path.parent / "results.json"
-    if not source_results.is_file():
-        raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
-                        f"(finish that run first, or pass a fixed --alpha)")
-    return float(read_results(source_results)["alpha"]), f"the source run, {source_results}"
+from run.model import text_source
+from utils import write_json
 
 
-def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: dict, numerics: dict,
-                  baselines: dict | None, train_seconds: float | None, device: torch.device,
-                  history: list[dict] | None = None) -> dict:
-    metrics, skipped, log = evaluation["metrics"], evaluation["skipped"], plan.log
+def pool_record(ctx: RunContext, model: Model, trained: Trained) -> dict:
+    """The pool's precision, and per tensor the share of entries training never moved from
+    their initial values (a fresh pool: the copy of CLIP's) -- float16 updates can round away;
+    for dist_exact, whether the trunk's shares rounded as one process's batches."""
+    initial = ctx.numerics.pool(model.clip, ctx.cfg.mask_bg_in_cls).state_dict()
+    return {"pool_precision": ctx.cfg.pool_precision, "never_moved": never_moved(initial, model.pool.state_dict()),
+            **({"share_rounding": trained.share_rounding} if trained.share_rounding else {})}
+
+
+def write_results(ctx: RunContext, model: Model, trained: Trained, evaluation: dict, baselines: dict | None) -> dict:
+    cfg, data, plan, log, device = ctx.cfg, ctx.data, ctx.folder, ctx.log, ctx.device
+    metrics, skipped = evaluation["metrics"], evaluation["skipped"]
     results = {
         "dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
         "data_sha256": data.digest(),
@@ -46,7 +37,7 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "val_source": evaluation["val_source"],
         "text_source": text_source(cfg, data), "lr_schedule": "published",
         **({"imported_from": plan.ckpt["imported_from"]} if plan.ckpt and "imported_from" in plan.ckpt else {}),
-        **({"history": history} if history else {}),
+        **({"history": trained.history} if trained.history else {}),
         **({"split_file": str(data.split_file)} if data.split_file else {}),
         **({"split": data.split_record()} if data.split_record() else {}),
         "protocol": "cross_dataset" if plan.transfer_from is not None else cfg.protocol,
@@ -55,11 +46,11 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
         "skipped_images": {split: len(files) for split, files in skipped.items()},
         **metrics,
         **({"baselines": baselines["methods"], "baselines_seconds": baselines["seconds"]} if baselines else {}),
-        "numerics": numerics,
-        "train_seconds": train_seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
+        "numerics": pool_record(ctx, model, trained),
+        "train_seconds": trained.seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
         "checkpoint": str(plan.ckpt_path), "device": str(device), "torch": torch.__version__,
         "host": platform.node(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": dict(cfg),
-        "provenance": provenance(device), "phases": utils.CLOCK.phases,
+        "provenance": provenance(device), "phases": ctx.clock.phases,
     }
     if any(skipped.values()):
         results["skipped_files"] = {split: files for split, files in skipped.items() if files}
@@ -86,12 +77,28 @@ def write_results(cfg: Config, data: DatasetSplits, plan: RunPlan, evaluation: d
                   results["base2new"]["base"]["test_acc"], results["base2new"]["new"]["test_acc"],
                   results["test_acc"], results["zero_shot_acc"]))
     print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}{' base-to-new' if 'base2new' in results else ''}: "
-          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}){text_note(results, data.name)}; "
+          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}){description_note(results, data.name)}; "
           f"results in {plan.results_path}")
     return results
 
 
-def text_note(results: dict, dataset: str) -> str:
+def write_baselines(ctx: RunContext, evaluation: dict, baselines: dict) -> dict:
+    """baselines.json of the methods alone (scripts/run_baselines.py), in the run's folder."""
+    cfg, data = ctx.cfg, ctx.data
+    results = {"dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+               "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": data.num_classes,
+               "sizes": evaluation["sizes"], "val_source": evaluation["val_source"],
+               "baselines": baselines["methods"], "baselines_seconds": baselines["seconds"], "device": str(ctx.device),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": ctx.clock.phases}
+    if WORLD.main:
+        write_json(ctx.folder.results_path, results)
+    print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: "
+          + ", ".join(f"{k} {v['test_acc']:.2f}%" for k, v in baselines["methods"].items())
+          + f"; results in {ctx.folder.results_path}")
+    return results
+
+
+def description_note(results: dict, dataset: str) -> str:
     """For a dataset whose description file the published code ships, a run that does not use
     that file says so in its summary line, and how to get it."""
     source = results["text_source"]

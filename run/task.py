@@ -5,28 +5,19 @@ evaluated run was trained on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from datasets import (SAMPLER_VERSION, DatasetSplits, Datum, few_shot, sample_digest, saved_meta, saved_sample_differs,
                       validation_from_train)
 from run.checkpoints import check_same_classes
-from run.config import Config
-from run.folders import RunPlan, check_same_data
+from run.context import ImageSets, RunContext, Task
+from run.folders import check_same_data
 from utils import RaftError
 
 
-@dataclass
-class Task:
-    """What a run trains on and what it is scored on (doc/protocols.md). ``train`` is the
-    dataset or its base classes (always the first labels, so their labels need no mapping);
-    ``targets`` are the class sets whose test images are scored, each with its own text."""
-    train: DatasetSplits
-    targets: dict[str, DatasetSplits]
-
-
-def make_task(cfg: Config, data: DatasetSplits, plan: RunPlan) -> Task:
+def make_task(ctx: RunContext) -> Task:
     """The protocol as data: few-shot (all classes) or base-to-new (base = the first ceil(C/2)
     labels, new = the rest, each relabelled from 0)."""
+    cfg, data, plan = ctx.cfg, ctx.data, ctx.folder
     if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
         raise RaftError(f"config says num_classes={cfg.num_classes} but {data.name} at {cfg.data_path} "
                         f"has {data.num_classes} classes")
@@ -36,7 +27,7 @@ def make_task(cfg: Config, data: DatasetSplits, plan: RunPlan) -> Task:
         half = math.ceil(data.num_classes / 2)
         base = data.class_subset(list(range(half)), "base")
         new = data.class_subset(list(range(half, data.num_classes)), "new")
-        plan.log.info(f"base-to-new: {base.num_classes} base classes (trained, alpha chosen on their val images), "
+        ctx.log.info(f"base-to-new: {base.num_classes} base classes (trained, alpha chosen on their val images), "
                       f"{new.num_classes} new classes (never seen in training)")
         task = Task(base, {"base": base, "new": new})
     else:
@@ -54,28 +45,22 @@ def in_classes(items: list[Datum], view: DatasetSplits) -> list[Datum]:
     return [d for d in items if d.label in keep]
 
 
-@dataclass
-class ImageSets:
-    train: list[Datum]    # the few-shot training set (empty for a transfer: nothing is trained or chosen)
-    val: list[Datum]
-    val_source: str | None
-
-
-def sample_images(cfg: Config, data: DatasetSplits, task: Task, plan: RunPlan) -> ImageSets:
+def sample_images(ctx: RunContext) -> ImageSets:
     """The few-shot training set, and a validation set drawn from train if the dataset has none.
     Base-to-new samples every class, then keeps the base classes' images, as CoCoOp's code does
     (so seed 1 trains on the same images)."""
+    cfg, data, task, plan = ctx.cfg, ctx.data, ctx.task, ctx.folder
     if plan.transfer_from is not None:  # alpha comes from the source run: no target label chooses anything
         return ImageSets([], [], None)
     check_shots(cfg.shots, data)
     train = in_classes(few_shot(data.train, cfg.shots, cfg.seed, data.num_classes), task.train)
-    check_same_sample(plan, train, data, cfg)
+    check_same_sample(ctx, train)
     val, source = in_classes(data.val, task.train), "split"
     if not val and cfg.val_per_class > 0:
         val = validation_from_train(in_classes(data.train, task.train), cfg.val_per_class, cfg.seed,
                                     task.train.classnames, {d.path for d in train})
         source = "train images outside the few-shot set"
-    plan.log.info(f"{data.name}: {task.train.num_classes} classes trained, few-shot train {len(train)} "
+    ctx.log.info(f"{data.name}: {task.train.num_classes} classes trained, few-shot train {len(train)} "
                   f"({cfg.shots} shots), val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
     return ImageSets(train, val, source if val else None)
 
@@ -98,10 +83,11 @@ def check_shots(shots: int, data: DatasetSplits) -> None:
                         f"shots may be at most {bound} (the largest class, or {PROTOCOL_SHOTS})")
 
 
-def check_same_sample(plan: RunPlan, train: list[Datum], data: DatasetSplits, cfg: Config) -> None:
+def check_same_sample(ctx: RunContext, train: list[Datum]) -> None:
     """A run resumed or evaluated must have been trained on the images this version samples
     (the sample is part of what a run's settings determine). Runs of versions that visited
     the classes in label order differ where a split file's train list is not in label order."""
+    cfg, data, plan = ctx.cfg, ctx.data, ctx.folder
     if plan.ckpt is None and not (plan.state_path is not None and plan.state_path.is_file()):
         return  # a fresh run writes its own list
     if plan.transfer_from is None:

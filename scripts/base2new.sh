@@ -7,12 +7,11 @@
 #   DATA=/data bash scripts/base2new.sh --backbone ViT-B-16
 #
 # Runs go to output/<dataset>/<backbone>_16shots_seed<seed>_base2new/; finished ones are
-# skipped. Then: python summarize.py output/  (the base-to-new table).
+# skipped. Then: python scripts/summarize.py output/  (the base-to-new table).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 help_on_request "$0" "$@"
-positional=()
-while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-imagenet $ALL_COOP}}" "${positional[1]:-${SHOTS:-16}}" \
-  "${positional[2]:-${SEEDS:-1 2 3}}" --protocol base2new "$@"
+split_arguments "$@"
+exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-imagenet $(all_coop)}}" "${positional[1]:-${SHOTS:-16}}" \
+  "${positional[2]:-${SEEDS:-1 2 3}}" --protocol base2new "${overrides[@]}"

@@ -21,12 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datasets import BENCHMARK  # noqa: E402
 from datasets.check import check_dataset, split_counts  # noqa: E402
 from run.config import data_folder, dataset_config, file_values  # noqa: E402
 from utils import RaftError, ToolParser, bounded, printable, run_main  # noqa: E402
 
-DATASETS = ["caltech101", "dtd", "eurosat", "fgvc", "food101", "imagenet", "oxford_flowers", "oxford_pets",
-            "stanford_cars", "sun397", "ucf101"]
+DATASETS = list(BENCHMARK)
 
 
 def main(argv: list[str] | None = None) -> int:

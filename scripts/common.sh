@@ -3,7 +3,20 @@
 #   PYTHON=.venv/bin/python   an interpreter that is not on PATH (default: python)
 #   DATA=/data                one root for every dataset: each config's own folder name under it
 PYTHON="${PYTHON:-python}"
-ALL_COOP="caltech101 dtd eurosat fgvc food101 oxford_flowers oxford_pets stanford_cars sun397 ucf101"
+# The ten CoOp datasets of the benchmark, from the dataset table (datasets/coop.py, BENCHMARK);
+# asked for only where no dataset list is given: "${DATASETS:-$(all_coop)}".
+all_coop() {
+  "$PYTHON" -c 'from datasets import BENCHMARK; print(" ".join(d for d in BENCHMARK if d != "imagenet"))' \
+    || { echo "cannot run $PYTHON to read the dataset table (set PYTHON=...)" >&2; exit 2; }
+}
+
+# split_arguments "$@": the grid's positional words (positional) and the config overrides from
+# the first --key on (overrides), as every wrapper of sweep.sh takes them.
+split_arguments() {
+  positional=()
+  while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
+  overrides=("$@")
+}
 
 # -h/--help anywhere among the arguments: print the calling script's header comment and exit.
 help_on_request() {

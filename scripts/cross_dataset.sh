@@ -13,7 +13,7 @@ source scripts/common.sh
 help_on_request "$0" "$@"
 need_checkpoint cross_dataset.sh "$@"
 ckpt="$1"; shift
-targets=(${TARGETS:-$ALL_COOP})
+targets=(${TARGETS:-$(all_coop)})
 start_runs "${#targets[@]}"
 for target in "${targets[@]}"; do
   [[ $stopped == 1 ]] && break

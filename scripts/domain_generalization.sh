@@ -3,7 +3,7 @@
 # ImageNet-V2 and -Sketch (all 1000 classes) and ImageNet-A and -R (their 200-class subsets)
 # with ImageNet's classifier, at the run's alpha. Results: results_shift.json beside the
 # checkpoint (its own file: a plain --eval-only writes results_eval.json); python
-# summarize.py output/ prints the table.
+# scripts/summarize.py output/ prints the table.
 #
 #   bash scripts/domain_generalization.sh output/imagenet/RN50_16shots_seed1/checkpoint.pt
 #   DATA=/data bash scripts/domain_generalization.sh CHECKPOINT [--key value ...]

@@ -27,9 +27,9 @@ help_on_request "$0" "$@"
 
 list=0
 if [[ "${1:-}" == --list ]]; then list=1; shift; fi
-positional=()
-while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-DATASETS="${positional[0]:-${DATASETS:-$ALL_COOP}}"
+split_arguments "$@"
+set -- "${overrides[@]}"
+DATASETS="${positional[0]:-${DATASETS:-$(all_coop)}}"
 SHOTS="${positional[1]:-${SHOTS:-1 2 4 8 16}}"
 SEEDS="${positional[2]:-${SEEDS:-1 2 3}}"
 

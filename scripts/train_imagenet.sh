@@ -10,6 +10,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 help_on_request "$0" "$@"
-positional=()
-while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-exec bash scripts/sweep.sh imagenet "${positional[0]:-${SHOTS:-16}}" "${positional[1]:-${SEEDS:-1}}" "$@"
+split_arguments "$@"
+exec bash scripts/sweep.sh imagenet "${positional[0]:-${SHOTS:-16}}" "${positional[1]:-${SEEDS:-1}}" "${overrides[@]}"

@@ -11,7 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 help_on_request "$0" "$@"
-positional=()
-while [[ $# -gt 0 && "$1" != --* ]]; do positional+=("$1"); shift; done
-exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-$ALL_COOP}}" "${positional[1]:-${SHOTS:-16}}" \
-  "${positional[2]:-${SEEDS:-1}}" "$@"
+split_arguments "$@"
+exec bash scripts/sweep.sh "${positional[0]:-${DATASETS:-$(all_coop)}}" "${positional[1]:-${SHOTS:-16}}" \
+  "${positional[2]:-${SEEDS:-1}}" "${overrides[@]}"

@@ -84,6 +84,19 @@ def run_dir(tmp_path):
     return tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1"
 
 
+def trained_nothing(tmp_path):
+    """Whether the dtd run of ``args_for`` left neither a checkpoint nor a resume state (refused before training)."""
+    folder = run_dir(tmp_path)
+    return not (folder / "checkpoint.pt").exists() and not (folder / "resume.pt").exists()
+
+
+def folder_copy(dtd: Path, dest: Path, classes=("red_circle", "blue_square", "green_triangle")) -> Path:
+    """The dtd fixture's images as a folder dataset (one folder per class)."""
+    for name in classes:
+        shutil.copytree(dtd / "images" / name, dest / name)
+    return dest
+
+
 def one_line_error(code, err, *fragments):
     assert code == 2, err
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err
@@ -93,15 +106,25 @@ def one_line_error(code, err, *fragments):
 
 def poison_loss_at(monkeypatch, call: int) -> None:
     """Make the call-th training loss NaN, so a run stops there after its last saved state, as a kill would."""
-    import training
-    real, calls = training.raft_loss, []
+    from clip import loss
+    real, calls = loss.raft_loss, []
 
     def poisoned(*args, **kwargs):
         loss, terms = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), terms) if len(calls) == call else (loss, terms)
 
-    monkeypatch.setattr(training, "raft_loss", poisoned)
+    monkeypatch.setattr(loss, "raft_loss", poisoned)
+
+
+def train_with(pool, text, source, cfg, log, state_path=None, device="cpu"):
+    """``run.training.train_pool`` on RAFT's learner for ``pool`` (the region pool, or a float16
+    published one) in the config's numerics."""
+    import torch
+    from clip.published import numerics_of
+    from run.training import RaftLearner, train_pool
+    learner = RaftLearner(pool, text, numerics_of(cfg.pool_precision), cfg, torch.device(device), cfg.amp)
+    return train_pool(learner, source, cfg, log, state_path)
 
 
 @pytest.fixture(scope="session")

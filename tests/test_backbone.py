@@ -24,12 +24,14 @@ def test_random_backbones_are_reproducible_and_frozen(tiny_clip):
     assert not tiny_clip.model.training
 
 
+@pytest.mark.slow
 def test_sizes_are_read_from_the_model_not_hard_coded():
     clip = FrozenCLIP(load_open_clip("RN50", None), "RN50")   # random RN50: sizes only
     assert (clip.feature_channels, clip.embed_dim, clip.grid, clip.image_size) == (2048, 1024, 7, 224)
     assert clip.attnpool.num_heads == 32
 
 
+@pytest.mark.slow
 def test_local_checkpoints_state_dict_and_torchscript(tmp_path, tiny_clip):
     sd = tiny_clip.model.state_dict()
     path = tmp_path / "tiny.pt"

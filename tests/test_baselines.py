@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from baselines import BASELINES, BaselineData, run_baselines
+from baselines import METHODS, BaselineData, run_baselines
 from baselines.linear_probe import LogisticProblem
 import baselines.tip_adapter as tip
 from baselines.tip_adapter import cache_keys, check_fits, search_ab, tip_logits
@@ -38,6 +38,7 @@ def task():
     return data, test, test_labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", [1e-2, 1.0, 10.0, 100.0])
 def test_linear_probe_matches_scikit_learn(task, c):
     from sklearn.linear_model import LogisticRegression
@@ -115,6 +116,7 @@ def test_cache_term_is_the_same_bits_with_and_without_autograd(task, monkeypatch
             assert trained.requires_grad and torch.equal(evaluated, trained.detach()), (chunk, b)
 
 
+@pytest.mark.slow
 def test_tip_search_chooses_what_the_published_loop_chooses(task, monkeypatch):
     from dataclasses import replace
     cases = [(tip_task(10, 1.2, 3.0), 0.0), (tip_task(8, 1.0, 4.0), 0.0), (task[0], 0.3),
@@ -131,7 +133,7 @@ def test_tip_search_chooses_what_the_published_loop_chooses(task, monkeypatch):
 def test_only_the_features_the_requested_methods_read_are_computed(task):
     data, test, test_labels = task
     for names, present in ((["zero_shot"], ()), (["linear_probe"], ("train",)), (["tip_adapter_f"], ("views",))):
-        needs = {n for name in names for n in BASELINES[name].needs}
+        needs = {n for name in names for n in METHODS[name].needs}
         assert needs == set(present)
         partial = BaselineData(data.text, data.train if "train" in needs else None, data.train_labels,
                                data.views if "views" in needs else None, data.val, data.val_labels)
@@ -143,7 +145,7 @@ def test_only_the_features_the_requested_methods_read_are_computed(task):
 def test_permuting_test_labels_changes_no_choice(task):
     data, test, test_labels = task
     shuffled = test_labels[torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(0))]
-    names = list(BASELINES)
+    names = list(METHODS)
     first = run_baselines(names, data, {"test_acc": (test, test_labels, None)}, LOG)
     again = run_baselines(names, data, {"test_acc": (test, shuffled, None)}, LOG)
     for name in names:
@@ -153,7 +155,7 @@ def test_permuting_test_labels_changes_no_choice(task):
 
 def test_trained_baselines_learn_from_the_few_shot_images(task):
     data, test, test_labels = task
-    out = run_baselines(list(BASELINES), data, {"test_acc": (test, test_labels, None)}, LOG)
+    out = run_baselines(list(METHODS), data, {"test_acc": (test, test_labels, None)}, LOG)
     assert out["linear_probe"]["test_acc"] > 60
     for name in ("tip_adapter", "tip_adapter_f"):   # the cache adds to a weak zero-shot classifier
         assert out[name]["test_acc"] > out["zero_shot"]["test_acc"] + 5, (name, out[name], out["zero_shot"])
@@ -180,6 +182,7 @@ def demo_args(demo_root, tmp_path, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_path, capsys, monkeypatch):
     assert cli(demo_args(demo_root, tmp_path), capsys)[0] == 0
     folder = tmp_path / "out" / "demo" / "tiny-rn_8shots_seed1"
@@ -203,19 +206,19 @@ def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_pat
     assert {k: v["test_acc"] for k, v in again.items()} == {k: v["test_acc"] for k, v in methods.items()}
     # baselines/run.py: the same numbers without training RAFT
     code, out, err = cli(demo_args(demo_root, tmp_path, "--output_dir", str(tmp_path / "alone")), capsys,
-                         entry="baselines.run")
+                         entry="scripts.run_baselines")
     assert code == 0, err
     alone = json.loads((tmp_path / "alone" / "demo" / "tiny-rn_8shots_seed1" / "baselines.json").read_text())
     assert {k: v["test_acc"] for k, v in alone["baselines"].items()} == {k: v["test_acc"] for k, v in methods.items()}
-    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
+    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="scripts.summarize")
     assert code == 0 and "| demo | 8 | " in out and "Tip-Adapter-F" in out
 
 
 def test_base_to_new_scores_zero_shot_on_both_and_the_rest_on_base(dtd, tmp_path, capsys, monkeypatch):
-    import baselines.measure
+    import run.measure
     def no_views(*args, **kwargs):   # neither method reads Tip-Adapter's augmented views
         raise AssertionError("augmented views computed for methods that do not read them")
-    monkeypatch.setattr(baselines.measure, "view_store", no_views)
+    monkeypatch.setattr(run.measure, "view_store", no_views)
     assert cli(args_for(dtd, tmp_path, "--protocol", "base2new", "--baselines", "[zero_shot, linear_probe]"),
                capsys)[0] == 0
     r = json.loads((tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_base2new" / "results.json").read_text())

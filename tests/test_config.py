@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
-from utils import RaftError
+from conftest import ROOT, args_for, cli, one_line_error, trained_nothing
 from run.config import SCHEMA, build_config, parse_args
+from utils import RaftError
 
 # doc/method.md §8: dataset -> (classes, batch, lambda2)
 REFERENCE = {
@@ -72,3 +72,68 @@ def test_yaml_reads_1e_minus_4_as_a_number(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("dataset: dtd\ndata_path: x\nlr: 1e-4\n")   # PyYAML parses this as a string
     assert build_config(f, {}).lr == 1e-4
+
+
+# --------------------------------------------------------------------------- 4. text that is not UTF-8
+@pytest.mark.parametrize("content,fragments", [
+    ("dataset: dtd\ndata_path: x\n# caf\xe9 au lait\n".encode("latin-1"), ["not UTF-8 text", "line 3", "0xe9"]),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["not UTF-8 text", "line 1"]),
+    (b"dataset: dtd\x00\x00", ["binary file"]),
+    ("dataset: dtd\n".encode("utf-16"), ["not UTF-8 text"]),
+    (b"dataset: dtd\ndata_path: x\nlr: 1e-4\nlr: 2e-4\n", ["key 'lr' is given twice", "lines 3 and 4"]),
+])
+def test_config_files_that_are_not_utf8_text(tmp_path, capsys, content, fragments):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    one_line_error(*cli(["--config", str(cfg)], capsys)[::2], *fragments)
+
+
+# --------------------------------------------------------------------------- 6. every number has a range
+@pytest.mark.parametrize("args,fragments", [
+    (["--seed", str(2 ** 64)], ["'seed' must be >= 0 and <= 4294967295"]),
+    (["--seed", "-1"], ["'seed' must be >= 0"]),
+    (["--lr", "inf"], ["'lr' must be > 0 and <= 10"]),
+    (["--lr", ".nan"], ["'lr' must be > 0"]),
+    (["--tau1", "1e-300"], ["'tau1' must be >= 0.001"]),
+    (["--alpha", "1.5"], ["'alpha' must be >= 0 and <= 1"]),
+    (["--alpha", "-0.1"], ["'alpha' must be >= 0"]),
+    (["--search_high", "2"], ["'search_high' must be >= 0 and <= 1"]),
+    (["--min_lr", "1e-3", "--lr", "1e-4"], ["min_lr (0.001", "--min_lr", "larger than lr (0.0001", "--lr"]),
+    (["--lambda1", "-0.1"], ["'lambda1' must be >= 0"]),
+    (["--lambda2", "-1"], ["'lambda2' must be >= 0"]),
+    (["--dist_timeout", "1e30"], ["'dist_timeout' must be > 0 and <= 604800"]),
+    (["--batch_size_by_shots", "{1: 0}"], ["'batch_size_by_shots'", "must map shot counts", "{1: 0}"]),
+    (["--batch_size_by_shots", "{1: 64, 1: 32}"], ["key '1' is given twice"]),
+    (["--split_fractions", "[.nan, 0.5, 0.5]"], ["'split_fractions'", "summing to 1", "nan"]),
+])
+def test_every_number_in_a_config_has_a_range(args, fragments, capsys):
+    one_line_error(*cli(["--config", str(ROOT / "configs/dtd.yaml"), *args], capsys)[::2], *fragments)
+
+
+# --------------------------------------------------------------------------- 10. sizes that cannot be meant
+@pytest.mark.parametrize("args,fragments", [
+    (["--shots", "100000"], ["'shots' must be > 0 and <= 10000"]),
+    (["--shots", "17"], ["shots 17 is more than any class of dtd has training images", "at most 16"]),
+    (["--search_step", "200000000"], ["'search_step' must be > 0 and <= 1000"]),
+    (["--train_views", "1000000"], ["'train_views' must be > 0 and <= 100"]),
+    (["--num_workers", "100000"], ["'num_workers' must be >= 0 and <= 64"]),
+    (["--eval_batch_size", "1000000000"], ["'eval_batch_size' must be > 0 and <= 4096"]),
+])
+def test_sizes_that_cannot_be_meant_stop_before_the_work(dtd, tmp_path, capsys, args, fragments):
+    one_line_error(*cli(args_for(dtd, tmp_path, *args), capsys)[::2], *fragments)
+    assert trained_nothing(tmp_path)
+
+
+@pytest.mark.parametrize("content,fragments", [
+    ("dataset: dtd\n  data_path: [oops\n", ["not valid YAML"]),
+    ("dataset: dtd\ndata_path: x\nlearning_rate: 0.1\n", ["unknown config key 'learning_rate'", "did you mean"]),
+    ("dataset: dtd\ndata_path: x\nbatch_size: many\n", ["'batch_size' expects int"]),
+    ("dataset: dtd\ndata_path: x\nshots: 0\n", ["'shots' must be > 0"]),
+    ("dataset: dtd\ndata_path: x\nlr: -0.1\n", ["'lr' must be > 0"]),
+    ("dataset: dtd\ndata_path: x\nsearch_low: 1\nsearch_high: 0\n", ["empty alpha search range"]),
+    ("dataset: dtd\ndata_path: x\nbad_images: ignore\n", ["'bad_images' must be 'fail' or 'skip'"]),
+])
+def test_bad_config_files(tmp_path, capsys, content, fragments):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(content)
+    one_line_error(*cli(["--config", str(cfg)], capsys)[::2], *fragments)

@@ -74,6 +74,7 @@ def leftovers(tmp_path):
     return [p for p in tmp_path.rglob(".*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_files_are_verified_before_they_are_moved_into_place(mirror, tmp_path, capsys):
     (tmp_path / "data").mkdir()
     code, out, err = fetch(mirror, tmp_path, capsys, "dtd", "oxford_pets", "eurosat")
@@ -123,6 +124,7 @@ def small_tmpfs(path, options):
         pytest.skip("cannot mount a tmpfs here (needs privileges)")
 
 
+@pytest.mark.slow
 def test_a_read_only_folder_and_a_full_disk(mirror, tmp_path, capsys):
     small_tmpfs(tmp_path / "data", "size=64k")        # the dtd split is 563 KB
     try:
@@ -159,6 +161,7 @@ def check(capsys, *args):
     return code, json.loads(out) if out.strip().startswith("[") else out, err
 
 
+@pytest.mark.slow
 def test_check_data_names_everything_missing_at_once(tmp_path, capsys):
     root = tmp_path / "data" / "dtd"
     rows = build_tree(root, "split_zhou_DescribableTextures.json", "images")
@@ -192,6 +195,7 @@ def test_check_data_tells_a_foreign_split_file(tmp_path, capsys):
     assert code == 1 and reports[0]["status"] == "error" and "not valid JSON" in reports[0]["problems"][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,split,layouts", [
     ("stanford_cars", "split_zhou_StanfordCars.json", {"CoOp's": ("", False), "Kaggle's copy": ("", True)}),
     ("oxford_flowers", "split_zhou_OxfordFlowers.json", {"CoOp's": ("jpg", False),

@@ -38,6 +38,7 @@ def test_shards_cover_every_item_once():
             assert max(len(range(n)[p]) for p in parts) - min(len(range(n)[p]) for p in parts) <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
     """12 few-shot images in batches of 11: the last global batch has one image, so one process
     trains on nothing in that step; 9 test and 6 val images split unevenly across the two."""
@@ -65,8 +66,9 @@ def test_two_processes_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, precision, batch, shares", [("tiny-rn", "float32", "10", [1, 5]),
-                                                                  ("tiny-vit", "float16_reference", "11", [1, 5, 6]),
+                                                                  ("tiny-vit", "float16_published", "11", [1, 5, 6]),
                                                                   ("tiny-siglip", "float32", "10", [1, 5])])
 def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsys, backbone, precision, batch,
                                                             shares):
@@ -99,6 +101,7 @@ def test_dist_exact_trains_the_one_process_pool_bit_for_bit(dtd, tmp_path, capsy
     b = torch.load(folder / "checkpoint.pt", weights_only=True)["pool"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+@pytest.mark.slow
 def test_two_processes_without_the_feature_cache_end_with_the_numbers_of_one(dtd, tmp_path, capsys):
     """feature_cache: false — the uncached evaluation and the baselines' features of the few-shot
     images are computed in shares by the two processes and put back together: the same numbers,
@@ -128,6 +131,7 @@ def children(pid):
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_run_and_any_number_of_processes_resumes_it(dtd, tmp_path, capsys):
     if not os.path.isdir("/proc"):
         pytest.skip("needs /proc to find torchrun's worker processes")
@@ -158,6 +162,7 @@ def test_a_killed_process_stops_the_run_and_any_number_of_processes_resumes_it(d
 
 
 # --------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_an_unreachable_rendezvous_fails_in_bounded_time():
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -169,6 +174,7 @@ def test_an_unreachable_rendezvous_fails_in_bounded_time():
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow
 def test_device_and_process_checks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -187,20 +193,22 @@ def test_device_and_process_checks(monkeypatch):
     assert not distributed.WORLD.many
 
 
-def test_a_global_batch_smaller_than_the_processes_and_float16_reference_are_refused(dtd, tmp_path, capsys,
+@pytest.mark.slow
+def test_a_global_batch_smaller_than_the_processes_and_float16_published_are_refused(dtd, tmp_path, capsys,
                                                                                       monkeypatch):
-    import engine
-    import training
+    from run import engine
+    from run import training
     monkeypatch.setattr(engine, "start_processes", lambda device, timeout: distributed.World(0, 4))
     code, _, err = cli(args_for(dtd, tmp_path, "--batch_size", "3"), capsys)
     assert code == 2 and "batch_size 3 is smaller than the 4 torchrun processes" in err
     monkeypatch.setattr(distributed.WORLD, "size", 2)   # the process-wide World, changed in place as torchrun would
-    with pytest.raises(RaftError, match="float16_reference trains as the published code does, in one process"):
+    with pytest.raises(RaftError, match="float16_published trains as the published code does, in one process"):
+        from clip.published import numerics_of
         from run.config import build_config
-        training.train_pool(torch.nn.Linear(1, 1), torch.zeros(1, 2), None,
-                            build_config(None, {"dataset": "d", "data_path": "x",
-                                                "pool_precision": "float16_reference"}),
-                            torch.device("cpu"), None)
+        cfg = build_config(None, {"dataset": "d", "data_path": "x", "pool_precision": "float16_published"})
+        learner = training.RaftLearner(torch.nn.Linear(1, 1), torch.zeros(1, 2), numerics_of(cfg.pool_precision), cfg,
+                                       torch.device("cpu"), False)
+        training.train_pool(learner, None, cfg, None)
 
 
 # --------------------------------------------------------------------------- caches shared by concurrent runs
@@ -210,7 +218,7 @@ BUILD = textwrap.dedent("""
     import numpy as np, torch
     from clip.backbone import FrozenCLIP, load_open_clip
     from datasets import read_coop_dataset
-    from features import eval_store
+    from run.features import eval_store
     from utils import setup_logging
     log = setup_logging(None)
     data = read_coop_dataset("demo", {data!r})
@@ -220,6 +228,7 @@ BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_cache_at_once(demo_root, tmp_path):
     script = tmp_path / "build.py"
     script.write_text(BUILD.format(root=str(ROOT), data=str(demo_root), cache=str(tmp_path / "cache")))
@@ -245,6 +254,7 @@ FAKE = textwrap.dedent("""\
 """)
 
 
+@pytest.mark.slow
 def test_sweep_lists_pending_runs_and_spreads_them_over_gpus(tmp_path):
     out = tmp_path / "out"
     finished = out / "dtd" / "RN50_4shots_seed1"
@@ -270,6 +280,7 @@ def test_sweep_lists_pending_runs_and_spreads_them_over_gpus(tmp_path):
     assert "[gpu " in swept.stdout
 
 
+@pytest.mark.slow
 def test_slurm_array_script_runs_its_line(tmp_path):
     runs = tmp_path / "runs.txt"
     runs.write_text(f"echo first > {tmp_path}/a\necho second > {tmp_path}/b\n")
@@ -279,3 +290,22 @@ def test_slurm_array_script_runs_its_line(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts/slurm_array.sh"), str(runs)],
                           env=dict(os.environ, SLURM_ARRAY_TASK_ID="7"), capture_output=True, text=True)
     assert proc.returncode == 2 and "no line 7" in proc.stderr
+
+
+# --------------------------------------------------------------------------- 12. dist_exact's shares
+def test_share_rounding_is_probed(tiny_clip, monkeypatch):
+    """The probe compares an image's trunk output inside each process's share with the same
+    image inside the whole batch; a trunk whose last bits depend on the batch size is found."""
+    from run.features import share_rounding
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe = share_rounding(tiny_clip, [10, 2], 2, torch.device("cpu"), False)
+        assert probe["exact"] and probe["share_sizes"] == [1, 5] and probe["global_batches"] == [2, 10]
+        real = type(tiny_clip).encode_image
+        monkeypatch.setattr(type(tiny_clip), "encode_image",
+                            lambda self, x: tuple(t + 1e-7 * x.shape[0] for t in real(self, x)))
+        probe = share_rounding(tiny_clip, [10], 2, torch.device("cpu"), False)
+        assert not probe["exact"] and probe["max_difference"] > 0
+    finally:
+        torch.set_num_threads(threads)

@@ -30,6 +30,7 @@ def demo_run(demo_root, tmp_path_factory):
     return work, args, proc
 
 
+@pytest.mark.slow
 def test_main_writes_a_complete_run_folder(demo_run):
     work, _, proc = demo_run
     run_dir = work / "out" / "demo" / "tiny-rn_4shots_seed1"
@@ -54,6 +55,7 @@ def test_main_writes_a_complete_run_folder(demo_run):
     assert "RAFT" in proc.stdout and list((work / "cache" / "text").glob("demo_tiny-rn_*.pt"))
 
 
+@pytest.mark.slow
 def test_rerun_is_skipped_and_eval_only_reproduces_the_numbers(demo_run):
     work, args, _ = demo_run
     again = run("main.py", *args, cwd=work)
@@ -68,6 +70,7 @@ def test_rerun_is_skipped_and_eval_only_reproduces_the_numbers(demo_run):
     assert "BatchNorm statistics restored from" in (run_dir / "log.txt").read_text()   # not re-measured
 
 
+@pytest.mark.slow
 def test_missing_dataset_names_the_expected_layout(tmp_path):
     proc = run("main.py", "--config", str(ROOT / "configs/oxford_pets.yaml"), "--data_path", "nowhere", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -93,6 +96,7 @@ def build_imagenet(root, classes=3, train=10, val=3):
     return wnids
 
 
+@pytest.mark.slow
 def test_imagenet_train_then_test_from_checkpoint(tmp_path):
     data = tmp_path / "imagenet"
     data.mkdir()
@@ -121,6 +125,7 @@ def test_imagenet_train_then_test_from_checkpoint(tmp_path):
     assert evaluated["shift"]["imagenet_sketch"] == results["shift"]["imagenet_sketch"]
 
 
+@pytest.mark.slow
 def test_sweep_script_skips_finished_runs_and_reuses_eval_features(demo_root, tmp_path):
     overrides = ["--data_path", str(demo_root), "--num_classes", "4", "--output_dir", str(tmp_path / "out"),
                  "--cache_dir", str(tmp_path / "cache"), "--calibrate_bn", "false", *FAST]

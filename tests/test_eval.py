@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from evaluation import SplitLogits, accuracy_curve, alpha_grid, choose_alpha, evaluate
+from run.evaluation import SplitLogits, accuracy_curve, alpha_grid, choose_alpha, evaluate
 from run.config import build_config
 
 

@@ -7,12 +7,15 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
+from clip.published import numerics_of
 from clip.region_pool import RegionAttentionPool
 from datasets import read_coop_dataset
-from features import (FeatureStore, LiveSource, ViewSource, augment, build_store, crop_params, eval_store,
-                      live_batches)
 from datasets.loader import eval_transform
-from evaluation import collect_logits
+from run.evaluation import collect_logits
+from run.features import (FeatureStore, LiveSource, ViewSource, augment, build_store, crop_params, eval_store, live_batches)
+from utils import RaftError
+
+FLOAT32 = numerics_of("float32")
 
 CPU = torch.device("cpu")
 
@@ -104,9 +107,9 @@ def test_float16_maps_barely_move_the_logits(tiny_clip, demo, tmp_path):
     """What float16 storage costs: logits from cached maps vs the float32 trunk output."""
     pool = RegionAttentionPool(tiny_clip.attnpool)
     text = torch.nn.functional.normalize(torch.randn(tiny_clip.embed_dim, 5), dim=0)
-    cached = collect_logits(pool, text, store_of(tiny_clip, demo.test, tmp_path).batches(8, CPU), CPU, False, "c")
+    cached = collect_logits(pool, text, store_of(tiny_clip, demo.test, tmp_path).batches(8, CPU), CPU, False, "c", FLOAT32)
     live = collect_logits(pool, text, live_batches(tiny_clip, demo.test, eval_transform(96), 8, 0, CPU, False),
-                          CPU, False, "l")
+                          CPU, False, "l", FLOAT32)
     assert (cached.cls - live.cls).abs().max() < 0.05 and (cached.clip - live.clip).abs().max() < 1e-4
     assert (cached.cls.argmax(1) == live.cls.argmax(1)).float().mean() >= 0.97
 
@@ -189,7 +192,7 @@ def test_training_reads_nothing_back_from_the_device_inside_an_epoch(tiny_clip, 
     """Loss sums, accuracy counts and the NaN check stay on the device: host reads happen per
     epoch (and at saves), not per step."""
     import logging
-    from training import train_pool
+    from conftest import train_with
     from run.config import build_config
     source = LiveSource(tiny_clip, demo.train, batch_size=4, seed=1, device=CPU, amp=False, num_workers=0)
     text = torch.nn.functional.normalize(torch.randn(tiny_clip.embed_dim, 5), dim=0)
@@ -208,14 +211,28 @@ def test_training_reads_nothing_back_from_the_device_inside_an_epoch(tiny_clip, 
 
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    train_pool(tiny_clip.region_pool(), text, source, cfg, CPU, logging.getLogger("t"))
+    train_with(tiny_clip.region_pool(), text, source, cfg, logging.getLogger("t"))
     steps = 3 * len(source)
     assert steps == 24 and len(reads) <= 2 * 3, reads      # two per epoch (the NaN check, the sums), none per step
 
 
+@pytest.mark.slow
 def test_workers_auto_share_the_cpus_among_torchrun_processes(monkeypatch):
     from utils import available_cpus, resolve_workers
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_workers(3) == 3 and resolve_workers("auto") == max(1, min(16, available_cpus()))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert resolve_workers("auto") == 1
+
+
+def test_float16_overflow_under_amp_stops_once_with_the_fix(tiny_clip, tmp_path):
+    from run.features import build_store
+    calls = []
+
+    def batches(skipped):   # what the trunk returns under autocast when it overflows
+        calls.append(1)
+        yield torch.full((2, 256, 3, 3), float("inf"), dtype=torch.float16), torch.zeros(2, 64), torch.tensor([0, 1])
+
+    with pytest.raises(RaftError, match="overflow float16 under mixed precision.*--amp false"):
+        build_store(tmp_path / "s", {"key": "k"}, 2, batches, tiny_clip, "s")
+    assert calls == [1] and not list(tmp_path.iterdir())

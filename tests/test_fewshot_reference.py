@@ -32,6 +32,7 @@ def split_paths(data, items):
     return [os.path.relpath(d.path, data.image_root) for d in items]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["oxford_pets", "dtd", "caltech101", "eurosat", "oxford_flowers", "stanford_cars",
                                   "ucf101"])
 def test_every_shots_and_seed_matches_the_published_sampler(name, reference, datasets):
@@ -101,6 +102,7 @@ def make_it_an_old_run(tmp_path, data):
     return folder
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_the_old_sample_is_not_reused(shuffled_dtd, tmp_path, capsys):
     data = read_coop_dataset("dtd", shuffled_dtd)
     assert label_order_sample(data, 4, 1) != few_shot(data.train, 4, 1, 3)    # the two samplers disagree here

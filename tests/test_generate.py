@@ -83,6 +83,7 @@ def generate_cli(endpoint, out, *extra, capsys):
     return code, captured.out + captured.err
 
 
+@pytest.mark.slow
 def test_descriptions_survive_a_429_and_a_malformed_reply(endpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     FakeEndpoint.script = ["429", "malformed", "ok", "empty"]
@@ -98,6 +99,7 @@ def test_descriptions_survive_a_429_and_a_malformed_reply(endpoint, tmp_path, ca
     assert KEY not in text and "asking again" in text
 
 
+@pytest.mark.slow
 def test_resume_skips_classes_already_described(endpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "birds_prompt.json"
@@ -110,6 +112,7 @@ def test_resume_skips_classes_already_described(endpoint, tmp_path, capsys, monk
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_persistent_failures_and_missing_key_are_one_line_errors(endpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, text = generate_cli(endpoint, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
@@ -121,6 +124,7 @@ def test_persistent_failures_and_missing_key_are_one_line_errors(endpoint, tmp_p
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["echo", "echo-inline"])
 def test_an_answer_holding_the_api_key_is_never_written(endpoint, tmp_path, capsys, monkeypatch, action):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from loss import cosine_logits, raft_loss
+from clip.loss import cosine_logits, raft_loss
 
 # D = 2, C = 2 classes + background column. Columns: class 0 = x, class 1 = y, bg = (x+y)/2 (norm < 1).
 T = torch.tensor([[1.0, 0.0, 0.5],

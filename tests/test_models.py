@@ -9,7 +9,7 @@ import pytest
 import torch
 from open_clip.pretrained import _pcfg
 
-from clip.backbone import FrozenCLIP, check_backbone, load_open_clip
+from clip.backbone import FrozenCLIP, backbone_family, load_open_clip
 from clip.map_pool import MapRegionPool, map_all_token_forward
 from clip.weights import parse_weights, recorded_quick_gelu
 from conftest import ROOT, cli, one_line_error
@@ -31,7 +31,7 @@ def tiny_siglip():
     ("tiny-siglip", "map"), ("ViT-B-16-SigLIP2", "map"), ("ViT-SO400M-14-SigLIP-384", "map"),
 ])
 def test_the_family_is_read_off_the_built_model(name, family):
-    assert check_backbone(name) == family
+    assert backbone_family(name) == family
 
 
 @pytest.mark.parametrize("name,why", [
@@ -44,7 +44,7 @@ def test_the_family_is_read_off_the_built_model(name, family):
 ])
 def test_towers_without_an_attention_pool_are_refused_saying_which_work(name, why):
     with pytest.raises(RaftError, match="RAFT") as err:
-        check_backbone(name)
+        backbone_family(name)
     assert why in str(err.value) and "\n" not in str(err.value)
 
 
@@ -199,7 +199,7 @@ def model_args(demo_root, tmp_path, *extra):
     (["--backbone", "ViT-B-32", "--weights", "datacomp_xl_s13b_b90k"],
      ["the datacomp_xl_s13b_b90k ViT-B-32 weights are not in the local cache"]),
     (["--backbone", "convnext_base", "--weights", "null"], ["no attention-pool head"]),
-    (["--backbone", "tiny-siglip", "--weights", "null", "--pool_precision", "float16_reference"],
+    (["--backbone", "tiny-siglip", "--weights", "null", "--pool_precision", "float16_published"],
      ["attention-pool head has no published code"]),
 ])
 def test_bad_models_and_weights_are_one_line_before_anything_is_written(extra, fragments, hub_cache, demo_root,
@@ -225,7 +225,7 @@ def test_the_models_preprocessing_reaches_augmentation_evaluation_and_caches(tag
     from datasets import read_coop_dataset
     from datasets.augment import prepare_batch
     from datasets.loader import eval_transform
-    from features import eval_store
+    from run.features import eval_store
     squashed = FrozenCLIP(load_open_clip("tiny-siglip", "squashed"), "tiny-siglip", "squashed")
     plain = FrozenCLIP(load_open_clip("tiny-siglip", "plain"), "tiny-siglip", "plain")
     # evaluation: SigLIP squashes the image to the square; OpenAI's CLIP crops its centre
@@ -293,8 +293,9 @@ def test_openai_archives_load_without_torch_jit_and_print_nothing(tmp_path, tiny
     assert all(torch.equal(model.state_dict()[k], v.half().float()) for k, v in tiny_vit.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_run_from_a_tag_predicts_with_that_tags_preprocessing(tagged, demo_root, tmp_path, capsys):
-    from inference import load_run
+    from run.inference import load_run
     code, _, err = cli(model_args(demo_root, tmp_path, "--backbone", "tiny-siglip", "--weights", "squashed"), capsys)
     assert code == 0, err
     run_dir = next((tmp_path / "out" / "demo").glob("tiny-siglip_*"))
@@ -304,5 +305,5 @@ def test_a_run_from_a_tag_predicts_with_that_tags_preprocessing(tagged, demo_roo
     fit, *_, normalize = run.transform.transforms
     assert type(fit).__name__ == "Resize" and fit.size == (96, 96) and normalize.mean == HALF
     image = next((demo_root / "images").rglob("test_*.jpg"))
-    code, out, err = cli([str(run_dir), str(image), "--top-k", "1"], capsys, entry="predict")
+    code, out, err = cli([str(run_dir), str(image), "--top-k", "1"], capsys, entry="scripts.predict")
     assert code == 0 and "  1. " in out, err

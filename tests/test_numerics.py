@@ -1,11 +1,11 @@
-"""pool_precision: float16_reference — the published code's float16 training (clip/reference.py)."""
+"""pool_precision: float16_published — the published code's float16 training (clip/published.py)."""
 import json
 import math
 
 import pytest
 import torch
 
-from clip.reference import Float16Reference, make_region_pool, never_moved, reference_adamw
+from clip.published import Float16Published, PublishedNumerics, make_region_pool, never_moved
 from conftest import ROOT, cli, one_line_error
 
 
@@ -25,7 +25,7 @@ def test_a_reference_step_is_the_half_precision_adamw_step_bit_for_bit(lr):
     weights = (0.02 * torch.randn(64, 64, generator=gen)).half()
     grads = [(1e-3 * torch.randn(64, 64, generator=gen)).half() for _ in range(3)]
     param = torch.nn.Parameter(weights.clone())
-    optimizer = reference_adamw([param], lr=lr, eps=1e-4, weight_decay=0.01)
+    optimizer = PublishedNumerics().optimizer([param], lr=lr, eps=1e-4, weight_decay=0.01)
     mine, exp_avg, exp_avg_sq = weights.clone(), torch.zeros_like(weights), torch.zeros_like(weights)
     for step, grad in enumerate(grads, 1):
         param.grad = grad.clone()
@@ -47,7 +47,7 @@ def test_in_float16_small_updates_round_to_nothing():
     for lr in (1e-4, 1e-5, 1e-6):
         param = torch.nn.Parameter(weights.clone())
         param.grad = grad.clone()
-        reference_adamw([param], lr=lr, eps=1e-4, weight_decay=0.01).step()
+        PublishedNumerics().optimizer([param], lr=lr, eps=1e-4, weight_decay=0.01).step()
         shares[lr] = never_moved({"w": weights}, {"w": param.data})["w"]
     assert shares[1e-4] < shares[1e-5] < shares[1e-6] and shares[1e-6] > 0.5 and shares[1e-4] < 0.1
 
@@ -60,8 +60,8 @@ def test_never_moved_counts_bit_identical_values():
 
 def test_the_reference_pool_computes_in_float16_over_all_tokens(tiny_clip, tiny_vit):
     for clip in (tiny_clip, tiny_vit):
-        pool = make_region_pool(clip, False, "float16_reference")
-        assert isinstance(pool, Float16Reference)
+        pool = make_region_pool(clip, False, "float16_published")
+        assert isinstance(pool, Float16Published)
         assert all(p.dtype == torch.float16 for p in pool.parameters())
         assert all(v.dtype == torch.float16 for v in pool.state_dict().values())
         features, _ = clip.encode_image(torch.randn(2, 3, 96, 96))
@@ -72,29 +72,30 @@ def test_the_reference_pool_computes_in_float16_over_all_tokens(tiny_clip, tiny_
         assert all(p.dtype == torch.float32 for p in clip.parameters())      # CLIP's own modules untouched
 
 
-def test_a_float16_reference_run_trains_evaluates_and_reloads(demo_root, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_float16_published_run_trains_evaluates_and_reloads(demo_root, tmp_path, capsys):
     argv = ["--config", str(ROOT / "configs/demo.yaml"), "--data_path", str(demo_root), "--num_classes", "4",
             "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--shots", "4",
             "--train_epoch", "3", "--warmup_epoch", "1", "--batch_size", "16", "--num_workers", "0",
-            "--baselines", "[]", "--pool_precision", "float16_reference", "--name", "fp16"]
+            "--baselines", "[]", "--pool_precision", "float16_published", "--name", "fp16"]
     code, out, err = cli(argv, capsys)
     assert code == 0, err
     run = tmp_path / "out" / "demo" / "tiny-rn_4shots_seed1_fp16"
     results = json.loads((run / "results.json").read_text())
-    assert results["numerics"]["pool_precision"] == "float16_reference"
+    assert results["numerics"]["pool_precision"] == "float16_published"
     assert set(results["numerics"]["never_moved"]) >= {"q_proj.weight", "positional_embedding"}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["config"]["pool_precision"] == "float16_reference"
+    assert ckpt["config"]["pool_precision"] == "float16_published"
     assert all(v.dtype == torch.float16 for v in ckpt["pool"].values())
     code, _, err = cli([*argv, "--eval-only"], capsys)
     assert code == 0, err
     assert json.loads((run / "results_eval.json").read_text())["test_acc"] == results["test_acc"]
     image = next((demo_root / "images" / "red_circle").glob("test_*.jpg"))
-    code, out, err = cli([str(run), str(image)], capsys, entry="predict")
+    code, out, err = cli([str(run), str(image)], capsys, entry="scripts.predict")
     assert code == 0 and "  1. " in out, err
 
 
 def test_a_misspelled_precision_names_the_closest(capsys):
     code, _, err = cli(["--config", str(ROOT / "configs/dtd.yaml"), "--pool_precision", "float16"], capsys)
-    one_line_error(code, err, "'pool_precision' must be 'float32' or 'float16_reference'",
-                   "did you mean 'float16_reference'")
+    one_line_error(code, err, "'pool_precision' must be 'float32' or 'float16_published'",
+                   "did you mean 'float16_published'")

@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, cli, one_line_error, shared_fixture
 from datasets import read_coop_dataset
-from evaluation import harmonic_mean
+from utils import harmonic_mean
 
 FAST = ["--backbone", "tiny-rn", "--weights", "null", "--calibrate_bn", "true", "--descriptions", "null",
         "--train_epoch", "2", "--warmup_epoch", "1", "--batch_size", "32", "--num_workers", "0", "--lr", "3e-3",
@@ -59,12 +60,15 @@ def args(dataset, root, tmp_path, *extra):
 
 @pytest.mark.parametrize("dataset,fixture,base,new", [("oxford_pets", "pets", 19, 18), ("dtd", "dtd47", 24, 23)])
 def test_class_split_relabelling_and_test_partition(dataset, fixture, base, new, request):
+    from clip.published import numerics_of
     from run.config import build_config
-    from run.folders import RunPlan
+    from run.context import RunContext, RunFolder
     from run.task import make_task
+    from utils import PhaseClock
     data = read_coop_dataset(dataset, request.getfixturevalue(fixture))
     cfg = build_config(None, {"dataset": dataset, "data_path": "x", "protocol": "base2new"})
-    task = make_task(cfg, data, RunPlan(cfg, __import__("logging").getLogger("t"), *[None] * 3))
+    folder = RunFolder(__import__("logging").getLogger("t"), *[None] * 3)
+    task = make_task(RunContext(cfg, data, folder, torch.device("cpu"), False, numerics_of("float32"), PhaseClock()))
     b, n = task.targets["base"], task.targets["new"]
     assert (b.num_classes, n.num_classes) == (base, new) and task.train is b
     assert b.classnames == data.classnames[:base] and n.classnames == data.classnames[base:]
@@ -74,6 +78,7 @@ def test_class_split_relabelling_and_test_partition(dataset, fixture, base, new,
     assert sorted(d.path for d in b.test + n.test) == sorted(d.path for d in data.test)   # a partition
 
 
+@pytest.mark.slow
 def test_base_to_new_run(pets, tmp_path, capsys):
     code, out, err = cli(args("oxford_pets", pets, tmp_path, "--protocol", "base2new"), capsys)
     assert code == 0, err
@@ -91,6 +96,7 @@ def test_base_to_new_run(pets, tmp_path, capsys):
     assert "base 2" not in out and "HM" in out
 
 
+@pytest.mark.slow
 def test_transfer_uses_the_targets_classes_and_the_sources_alpha(pets, dtd47, tmp_path, capsys):
     assert cli(args("oxford_pets", pets, tmp_path), capsys)[0] == 0
     source = tmp_path / "out" / "oxford_pets" / "tiny-rn_2shots_seed1"
@@ -119,6 +125,7 @@ def test_transfer_uses_the_targets_classes_and_the_sources_alpha(pets, dtd47, tm
     assert not (tmp_path / "transfer_dtd.json").exists()
 
 
+@pytest.mark.slow
 def test_test_labels_choose_nothing(pets, tmp_path, capsys):
     """Permuting the test labels moves test accuracies, never alpha (nor anything else chosen)."""
     assert cli(args("oxford_pets", pets, tmp_path, "--protocol", "base2new"), capsys)[0] == 0
@@ -155,6 +162,7 @@ def test_base_to_new_needs_two_classes(tmp_path, capsys, demo_root):
     one_line_error(code, err, "'protocol' must be 'fewshot' or 'base2new'", "did you mean 'base2new'")
 
 
+@pytest.mark.slow
 def test_domain_generalisation_script_scores_each_variant_on_its_classes(tmp_path, capsys):
     from test_end_to_end import build_imagenet
     from datasets.demo import DEMO_CLASSES, draw_image
@@ -194,7 +202,7 @@ def test_domain_generalisation_script_scores_each_variant_on_its_classes(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "shift" not in json.loads((ckpt.parent / "results_eval.json").read_text())
     assert json.loads((ckpt.parent / "results_shift.json").read_text())["shift"] == shift
-    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="summarize")
+    code, out, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="scripts.summarize")
     assert code == 0 and "domain generalisation" in out
     assert "| shots | imagenet | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r | variants average |" in out
 
@@ -217,7 +225,7 @@ def test_summary_tables_of_the_protocols(tmp_path, capsys):
         for target, acc in (("dtd", 40.0 + seed), ("eurosat", 30.0 + seed)):
             write(folder, f"transfer_{target}.json", {"dataset": target, "backbone": "RN50", "shots": 16,
                                                        "seed": seed, "test_acc": acc, "zero_shot_acc": 20.0})
-    code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys, entry="summarize")
+    code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys, entry="scripts.summarize")
     assert code == 0, err
     b2n = (tmp_path / "sum" / "summary_RN50_base2new.md").read_text()
     assert "| dtd | 16 | 81.00 ± 1.00 | 61.00 ± 1.00 |" in b2n and "11-dataset average appears once all 11" in b2n

@@ -1,7 +1,8 @@
-"""pool_precision: float16_reference takes the published code's training steps bit for bit
+"""pool_precision: float16_published takes the published code's training steps bit for bit
 (doc/method.md, Numerics): the published pool, loss, AdamW and learning rates are stated here
-from their facts (WideStars/RA-FT: clip/MyPooling.py, trainer.py, utils.my_scheduler), and
-20 steps on identical float16 inputs must leave identical weights, with float16 products
+from their facts (WideStars/RA-FT: clip/MyPooling.py, trainer.py, utils.my_scheduler; its v0
+from CLIP's own float16 attention pool, open_clip's module being the same code), and 20 steps
+on identical float16 trunk outputs must leave identical weights, with float16 products
 computed natively on the CPU and emulated as cuBLAS computes them (float32, one rounding)."""
 import copy
 import logging
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from clip.reference import make_region_pool
+from clip.published import make_region_pool
 from run.config import build_config
-from training import train_pool
+from conftest import train_with
 
 EPOCHS, PER_EPOCH, WARMUP, BATCH, LR = 10, 2, 2, 6, 1e-3
 
@@ -54,13 +55,16 @@ def published_run(attnpool, batches, text, num_classes):
     """The published trainer's loop on the given batches: lr 0 before the first step, the
     scheduler stepped after each optimizer step, AdamW(eps 1e-4) on the float16 parameters."""
     pool = PublishedPool(attnpool)
+    clip_pool = copy.deepcopy(attnpool).half().eval()   # the published model's float16 CLIP: its v0
     optimizer = torch.optim.AdamW(pool.parameters(), lr=LR, eps=1e-4)
     optimizer.param_groups[0]["lr"] = 0
     warm = WARMUP * PER_EPOCH
     rest = np.arange(EPOCHS * PER_EPOCH - warm)
     schedule = np.concatenate((np.linspace(0, LR, warm), 1e-6 + 0.5 * (LR - 1e-6) * (1 + np.cos(np.pi * rest / len(rest)))))
     pool.train()
-    for step, (fmap, v0, labels) in enumerate(batches):
+    for step, (fmap, _, labels) in enumerate(batches):
+        with torch.no_grad():
+            v0 = clip_pool(fmap)
         cls, bg = pool(fmap)
         v0, cls, bg = (v / v.norm(dim=-1, keepdim=True) for v in (v0, cls, bg))
         clip_logits, cls_logits, bg_logits = 100. * v0 @ text[:, :-1], 100. * cls @ text[:, :-1], 100. * bg @ text
@@ -114,6 +118,7 @@ class CublasProducts(TorchFunctionMode):
         return func(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).half()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("products", ["native", "cuBLAS-emulated"])
 def test_twenty_steps_are_the_published_steps_bit_for_bit(tiny_clip, products):
     gen = torch.Generator().manual_seed(0)
@@ -125,22 +130,22 @@ def test_twenty_steps_are_the_published_steps_bit_for_bit(tiny_clip, products):
         with torch.no_grad():
             v0 = tiny_clip.pooled(fmap)
         batches.append((fmap.half(), v0.half(), torch.randint(classes, (BATCH,), generator=gen)))
-    cfg = build_config(None, {"dataset": "d", "data_path": "x", "pool_precision": "float16_reference", "lr": LR,
+    cfg = build_config(None, {"dataset": "d", "data_path": "x", "pool_precision": "float16_published", "lr": LR,
                               "train_epoch": EPOCHS, "warmup_epoch": WARMUP, "batch_size": BATCH, "save_every": 1e9})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with CublasProducts() if products != "native" else nullcontext():
             expected = published_run(tiny_clip.attnpool, batches, text, classes)
-            pool = make_region_pool(tiny_clip, False, "float16_reference")
-            train_pool(pool, text.float(), FixedBatches(batches), cfg, torch.device("cpu"), logging.getLogger("t"))
+            pool = make_region_pool(tiny_clip, False, "float16_published")
+            train_with(pool, text.float(), FixedBatches(batches), cfg, logging.getLogger("t"))
     finally:
         torch.set_num_threads(threads)
     ours = pool.state_dict()
     assert set(ours) == set(expected)
     different = {k: (ours[k] != expected[k]).float().mean().item() for k in ours if not torch.equal(ours[k], expected[k])}
     assert not different, different
-    moved = sum((ours[k] != make_region_pool(tiny_clip, False, "float16_reference").state_dict()[k]).sum().item()
+    moved = sum((ours[k] != make_region_pool(tiny_clip, False, "float16_published").state_dict()[k]).sum().item()
                 for k in ours)
     assert moved > 0                                   # training did move the weights
 
@@ -152,15 +157,16 @@ def published_file(pool_state: dict, path):
                 "lr_scheduler": None}, path)
 
 
+@pytest.mark.slow
 def test_a_published_checkpoint_imports_evaluates_and_predicts_as_its_pool(dtd, tmp_path, capsys, tiny_clip):
     import sys
     from conftest import ROOT, args_for, cli, one_line_error
-    from inference import load_run
+    from run.inference import load_run
     sys.path.insert(0, str(ROOT / "scripts"))
     import import_published  # noqa: E402
     from utils import run_main
     gen = torch.Generator().manual_seed(3)
-    source = make_region_pool(tiny_clip, False, "float16_reference")
+    source = make_region_pool(tiny_clip, False, "float16_published")
     source.load_state_dict({k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).half()
                             for k, v in source.state_dict().items()})
     path = tmp_path / "s16_dtd_RN50_last.pth"
@@ -170,13 +176,13 @@ def test_a_published_checkpoint_imports_evaluates_and_predicts_as_its_pool(dtd, 
     folder = tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_published"
     results = __import__("json").loads((folder / "results.json").read_text())
     assert results["imported_from"]["code"] == "WideStars/RA-FT" and results["numerics"]["pool_precision"] == \
-        "float16_reference"
+        "float16_published"
     run = load_run(folder, "cpu")
     fmap, _ = tiny_clip.encode_image(torch.randn(3, 3, tiny_clip.image_size, tiny_clip.image_size))
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(run.pool(fmap), source.eval()(fmap)))   # the same logits' inputs
     image = next((dtd / "images" / "red_circle").glob("*.jpg"))
-    code, out, err = cli([str(folder), str(image)], capsys, entry="predict")
+    code, out, err = cli([str(folder), str(image)], capsys, entry="scripts.predict")
     assert code == 0 and "  1. " in out, err
     # given to --eval-only as it is: named, with the command that imports it
     code, _, err = cli(args_for(dtd, tmp_path, "--eval-only", "--checkpoint", str(path)), capsys)
@@ -190,6 +196,7 @@ def test_a_published_checkpoint_imports_evaluates_and_predicts_as_its_pool(dtd, 
 
 
 # --------------------------------------------------------------------------- text source, augmentation
+@pytest.mark.slow
 def test_every_run_records_its_text_source(dtd, tmp_path, capsys):
     import json
     import shutil
@@ -213,15 +220,15 @@ def test_every_run_records_its_text_source(dtd, tmp_path, capsys):
 
 
 def test_the_reference_augmentation_draws_the_batched_ones_crops_from_full_resolution(demo_root, tiny_clip):
-    """augment: reference draws the same flips and crops from the same generator; on images no
+    """augment: published draws the same flips and crops from the same generator; on images no
     larger than the batched mode keeps them the boxes are the same, and the pixels differ only
     by the resampling (PIL, rounded to 8 bits, vs torch)."""
     from datasets import few_shot, read_coop_dataset
-    from features import LiveSource, ReferenceSource
+    from run.features import LiveSource, PublishedSource
     items = few_shot(read_coop_dataset("demo", demo_root).train, 4, 1, 4)
     cpu = torch.device("cpu")
     batched = LiveSource(tiny_clip, items, 8, 1, cpu, False, 0)
-    reference = ReferenceSource(tiny_clip, items, 8, 1, cpu, False, 0)
+    reference = PublishedSource(tiny_clip, items, 8, 1, cpu, False, 0)
     assert reference.images == [tuple(img.shape[1:]) for img in batched.images]     # (height, width), full size
     for idx in (torch.arange(8), torch.arange(8, 16)):
         a = batched.prepare(idx, slice(None)).finish(cpu)
@@ -232,8 +239,8 @@ def test_the_reference_augmentation_draws_the_batched_ones_crops_from_full_resol
         assert grey_levels.mean() < 2.0 and grey_levels.max() < 128
 
 
-@pytest.mark.parametrize("args,fragment", [(["--augment", "refrence"], "did you mean 'reference'"),
-                                           (["--augment", "reference", "--train_views", "2"], "set one of them")])
+@pytest.mark.parametrize("args,fragment", [(["--augment", "publishd"], "did you mean 'published'"),
+                                           (["--augment", "published", "--train_views", "2"], "set one of them")])
 def test_bad_augment_values(args, fragment, capsys):
     from conftest import ROOT, cli, one_line_error
     one_line_error(*cli(["--config", str(ROOT / "configs/dtd.yaml"), *args], capsys)[::2], fragment)

@@ -56,7 +56,7 @@ def test_tensorboard_is_optional_and_says_what_is_missing(dtd, tmp_path, capsys)
 def test_feature_progress_off_a_terminal(monkeypatch, caplog):
     import logging
     import sys
-    from features.store import Progress
+    from run.features.store import Progress
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     lines = []
     handler = logging.Handler()
@@ -82,3 +82,16 @@ def test_the_demo_time_is_the_same_in_the_readme_and_the_config():
     assert f"in about {said} seconds on 2 cores" in readme
     measured = re.search(r"measured on a 2-core CPU, (\d+) s wall-clock", readme).group(1)
     assert abs(int(measured) - int(said)) <= 2
+
+
+# --------------------------------------------------------------------------- the audit trail
+@pytest.mark.slow
+def test_results_record_the_split_files_and_sizes(dtd, tmp_path, capsys):
+    assert cli(args_for(dtd, tmp_path), capsys)[0] == 0
+    results = json.loads((run_dir(tmp_path) / "results.json").read_text())
+    split = results["split"]
+    import hashlib
+    path = dtd / "split_zhou_DescribableTextures.json"
+    assert split["files"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+    assert split["sizes"] == {"train": 18, "val": 6, "test": 9}
+    assert results["sizes"]["train"] == 12                              # the few-shot sample beside it

@@ -99,6 +99,7 @@ def max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid,e,heads,d", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_folded_pool_matches_full_attention_outputs_and_every_gradient(grid, e, heads, d, dtype):

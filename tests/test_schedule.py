@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from training import lr_schedule
+from run.training import lr_schedule
 
 BASE, MIN = 1e-4, 1e-6
 

@@ -1,4 +1,5 @@
 """summarize.py: nothing but seeds is ever averaged; the field's table conventions; plots."""
+import pytest
 import json
 
 from PIL import Image
@@ -14,7 +15,7 @@ def result(root, folder, **fields):
 
 
 def summarize(root, tmp_path, capsys, *extra):
-    code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot", *extra], capsys, entry="summarize")
+    code, out, err = cli([str(root), "--out", str(tmp_path / "sum"), "--no-plot", *extra], capsys, entry="scripts.summarize")
     assert code == 0, err
     return out, err
 
@@ -81,6 +82,7 @@ def test_other_text_sources_are_marked_and_tags_spelled_out(tmp_path, capsys):
     assert "Tag settings of RN50_lr=0.0002_and2more-cb65e2: lr=0.0002, lambda2=1.0, tau1=1.5." in md
 
 
+@pytest.mark.slow
 def test_plots_and_training_curves(tmp_path, capsys):
     root = tmp_path / "runs"
     history = [{"epoch": e, "loss": 3.0 / e, "train_acc": 10.0 * e, "lr": 1e-4 * e / 5} for e in range(1, 6)]
@@ -89,7 +91,7 @@ def test_plots_and_training_curves(tmp_path, capsys):
         for shots, acc in ((1, 40.0), (16, 70.0)):
             result(root, f"{d}/RN50_{shots}shots_seed1_lr=0.003_and2more-cb65e2", dataset=d, shots=shots, seed=1,
                    test_acc=acc, history=history)
-    code, _, err = cli([str(root), "--out", str(tmp_path / "sum"), "--curves"], capsys, entry="summarize")
+    code, _, err = cli([str(root), "--out", str(tmp_path / "sum"), "--curves"], capsys, entry="scripts.summarize")
     assert code == 0, err
     for name in ("summary.png", "summary_curves.png"):
         with Image.open(tmp_path / "sum" / name) as img:

@@ -14,6 +14,7 @@ SCRIPTS = ["sweep.sh", "train_other_datasets.sh", "base2new.sh", "train_imagenet
            "domain_generalization.sh", "test_imagenet.sh", "slurm_array.sh"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_every_script_prints_its_usage_and_runs_nothing(script, flag, tmp_path):
@@ -35,6 +36,7 @@ def sweep(tmp_path, dtd, seeds, *extra, **kwargs):
                             env=dict(os.environ, PYTHON=sys.executable), **kwargs)
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_stops_the_whole_sweep_with_its_summary(dtd, tmp_path):
     proc = sweep(tmp_path, dtd, "1 2 3", "--train_epoch", "40", "--save_every", "0", "--baselines", "[]",
                  start_new_session=True)
@@ -50,6 +52,7 @@ def test_one_ctrl_c_stops_the_whole_sweep_with_its_summary(dtd, tmp_path):
     assert (run_dir(tmp_path) / "resume.pt").is_file()        # the run in progress saved its state
 
 
+@pytest.mark.slow
 def test_finished_runs_are_left_out_without_starting_python_and_progress_is_shown(dtd, tmp_path):
     proc = sweep(tmp_path, dtd, "1 2", "--train_epoch", "2", "--baselines", "[]")
     out, err = proc.communicate(timeout=300)
@@ -66,6 +69,7 @@ def test_finished_runs_are_left_out_without_starting_python_and_progress_is_show
     assert [line.split()[0].rsplit("/", 1)[-1] for line in calls.read_text().splitlines()] == ["pending.py"]
 
 
+@pytest.mark.slow
 def test_test_imagenet_honours_data(tmp_path):
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "python"
@@ -76,8 +80,9 @@ def test_test_imagenet_honours_data(tmp_path):
     assert "--data_path /data/root/imagenet" in calls.read_text()
 
 
-@pytest.mark.parametrize("tool", ["predict.py", "visualize.py", "summarize.py", "gpt3_file/generate.py",
-                                  "bench/bench_speed.py", "baselines/run.py", "scripts/get_files.py",
+@pytest.mark.parametrize("tool", ["scripts/predict.py", "scripts/visualize.py", "scripts/summarize.py",
+                                  "gpt3_file/generate.py", "bench/bench_speed.py", "scripts/run_baselines.py",
+                                  "scripts/get_files.py",
                                   "scripts/check_data.py", "scripts/import_published.py"])
 def test_every_tool_shows_its_defaults_and_its_own_text(tool, capsys):
     import importlib.util
@@ -88,5 +93,24 @@ def test_every_tool_shows_its_defaults_and_its_own_text(tool, capsys):
         module.main(["--help"])
     text = capsys.readouterr().out
     assert done.value.code == 0 and "(default:" in text.replace("\n", " ")
-    if tool == "baselines/run.py":
-        assert "usage: baselines/run.py" in text and "--eval-only" not in text and "Run only the baselines" in text
+    if tool == "scripts/run_baselines.py":
+        assert "usage: scripts/run_baselines.py" in text and "--eval-only" not in text and "Run only" in text
+
+
+# --------------------------------------------------------------------------- sweeps
+@pytest.mark.slow
+def test_sweep_runs_past_failures_lists_them_and_honours_python_and_data(tmp_path):
+    fake = tmp_path / "fakepy"
+    log = tmp_path / "calls.txt"
+    fake.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == *pending.py ]]; then exec {sys.executable} \"$@\"; fi\n"
+                    f"echo \"$@\" >> {log}\n[[ \"$*\" == *\"--seed 1\"* ]] && exit 2\nexit 0\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), DATA="/data/root")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd eurosat", "4", "1 2", "--lr", "2e-4"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4                                               # every run was tried
+    assert all("--data_path /data/root/dtd" in c for c in calls[:2]) and "/data/root/eurosat" in calls[2]
+    assert all(c.endswith("--lr 2e-4") for c in calls)
+    assert proc.returncode == 1
+    assert "2 runs failed" in proc.stderr and "--config configs/dtd.yaml --shots 4 --seed 1" in proc.stderr

@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-from clip.text import (cached_text_matrix, class_sentences, load_descriptions, lookup_description,
-                       text_matrix)
-from conftest import shared_fixture
+from clip.text import cached_text_matrix, class_sentences, load_descriptions, lookup_description, text_matrix
+from conftest import args_for, cli, one_line_error, shared_fixture
 from utils import RaftError
 
 
@@ -104,3 +103,13 @@ def test_a_damaged_or_foreign_text_cache_is_rebuilt(tiny_clip, tmp_path):
     assert torch.allclose(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T)
     torch.save({"key": "someone else's", "T": torch.zeros_like(T)}, path)  # manifest mismatch
     assert torch.allclose(cached_text_matrix(tiny_clip, names, sentences, tmp_path, "toy"), T)
+
+
+def test_description_files(dtd, tmp_path, capsys):
+    desc = tmp_path / "desc.json"
+    desc.write_text("{not json")
+    one_line_error(*cli(args_for(dtd, tmp_path, "--descriptions", str(desc)), capsys)[::2], "not valid JSON")
+    desc.write_text(json.dumps({"red circle": ["a red disc.", "a round red shape."], "blue square": []}))
+    code, out, err = cli(args_for(dtd, tmp_path, "--descriptions", str(desc)), capsys)
+    assert code == 0, err
+    assert "no usable sentences for blue square, green triangle" in out and "using templates" in out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 from utils import run_main
 
 # --name "": the plain run-folder name although these settings differ from the config file
@@ -16,7 +16,8 @@ FAST = ["--name", "", "--train_epoch", "6", "--warmup_epoch", "1", "--batch_size
 
 
 def cli(module_name, argv, capsys):
-    module = __import__(module_name)
+    import importlib
+    module = importlib.import_module(module_name)
     code = run_main(module.main, argv)
     out, err = capsys.readouterr()
     return code, out, err
@@ -34,10 +35,11 @@ def trained(demo_root, tmp_path_factory):
     return work / "out" / "demo" / "tiny-rn_4shots_seed1"
 
 
+@pytest.mark.slow
 def test_predict_agrees_with_the_evaluation(trained, demo_root, tmp_path, capsys):
     results = json.loads((trained / "results.json").read_text())
     out = tmp_path / "pred.json"
-    code, text, err = cli("predict", [str(trained), str(demo_root / "images"), "--top-k", "3", "--json", str(out)],
+    code, text, err = cli("scripts.predict", [str(trained), str(demo_root / "images"), "--top-k", "3", "--json", str(out)],
                           capsys)
     assert code == 0, err
     report = json.loads(out.read_text())
@@ -63,14 +65,15 @@ def test_predict_reports_unreadable_images_and_keeps_going(trained, demo_root, t
     bad = tmp_path / "broken.jpg"
     bad.write_text("not an image")
     good = next((demo_root / "images" / "red_circle").glob("*.jpg"))
-    code, out, err = cli("predict", [str(trained), str(bad), str(good)], capsys)
+    code, out, err = cli("scripts.predict", [str(trained), str(bad), str(good)], capsys)
     assert code == 0 and str(good) in out and f"skipped unreadable image {bad}: not an image" in err
-    code, _, err = cli("predict", [str(tmp_path / "no_run"), str(good)], capsys)
+    code, _, err = cli("scripts.predict", [str(tmp_path / "no_run"), str(good)], capsys)
     assert code == 2 and "holds no checkpoint.pt" in err
 
 
+@pytest.mark.slow
 def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_root, tmp_path, capsys):
-    from inference import attention_maps, load_images, load_run
+    from run.inference import attention_maps, load_images, load_run
     run = load_run(trained, "cpu")
     paths = sorted((demo_root / "images" / "yellow_star").glob("*.jpg"))[:3]
     _, images, _ = load_images(run, paths)
@@ -80,7 +83,7 @@ def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_roo
         m = maps[name]
         assert m.shape == (3, grid, grid) and (m >= 0).all()
         assert torch.allclose(m.sum((1, 2)), torch.ones(3), atol=1e-5)
-    code, out, err = cli("visualize", [str(trained), *map(str, paths), "--out", str(tmp_path / "vis")], capsys)
+    code, out, err = cli("scripts.visualize", [str(trained), *map(str, paths), "--out", str(tmp_path / "vis")], capsys)
     assert code == 0, err
     pngs = sorted((tmp_path / "vis").glob("*.png"))
     assert [p.stem for p in pngs] == sorted(p.stem for p in paths)
@@ -90,11 +93,11 @@ def test_attention_maps_are_distributions_and_pngs_are_written(trained, demo_roo
     for folder in ("a", "b"):
         (tmp_path / "same" / folder).mkdir(parents=True)
         shutil.copy(paths[0], tmp_path / "same" / folder / "photo.jpg")
-    code, out, err = cli("visualize", [str(trained), str(tmp_path / "same"), "--out", str(tmp_path / "vis2")], capsys)
+    code, out, err = cli("scripts.visualize", [str(trained), str(tmp_path / "same"), "--out", str(tmp_path / "vis2")], capsys)
     assert code == 0, err
     assert sorted(str(p.relative_to(tmp_path / "vis2")) for p in (tmp_path / "vis2").rglob("*.png")) == \
         ["a/photo.png", "b/photo.png"]
-    import visualize
+    from scripts import visualize
     truth = visualize.true_labels(run)                          # the run's own dataset labels its images
     assert truth[str(paths[0].resolve())] == "yellow star"
 
@@ -112,7 +115,7 @@ def test_summary_puts_backbones_side_by_side(tmp_path, capsys):
     for seed in (1, 2):
         fake_results(root, "dtd", 16, seed, 70.0 + seed)
         fake_results(root, "dtd", 16, seed, 75.0 + seed, zero=45.0, backbone="ViT-B-16")
-    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys)
+    code, out, err = cli("scripts.summarize", [str(root), "--out", str(tmp_path / "sum"), "--no-plot"], capsys)
     assert code == 0, err
     md = (tmp_path / "sum" / "summary_all.md").read_text()
     assert "| backbone | setting | shots | dtd | Average |" in md
@@ -131,7 +134,7 @@ def test_summary_table_csv_and_plot(tmp_path, capsys):
     fake_results(root, "dtd", 1, 1, 50.0)                          # eurosat 1-shot is missing
     (root / "broken").mkdir()
     (root / "broken" / "results.json").write_text("{")
-    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sum")], capsys)
+    code, out, err = cli("scripts.summarize", [str(root), "--out", str(tmp_path / "sum")], capsys)
     assert code == 0, err
     md = (tmp_path / "sum" / "summary.md").read_text()
     assert "| shots | dtd | eurosat | Average |" in md
@@ -144,10 +147,10 @@ def test_summary_table_csv_and_plot(tmp_path, capsys):
     assert "RN50,eurosat,16,3,82.0000,1.6330,40.0000" in rows and not any(",eurosat,1," in r for r in rows)
     tex = (tmp_path / "sum" / "summary.tex").read_text()
     assert "\\begin{tabular}" in tex and "72.00 $\\pm$ 1.63" in tex
-    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "sample"), "--no-plot", "--std", "sample"],
+    code, out, err = cli("scripts.summarize", [str(root), "--out", str(tmp_path / "sample"), "--no-plot", "--std", "sample"],
                          capsys)
     assert "| 16 | 72.00 ± 2.00 | 82.00 ± 2.00 | 77.00 |" in (tmp_path / "sample" / "summary.md").read_text()
-    code, out, err = cli("summarize", [str(root), "--out", str(tmp_path / "ci"), "--no-plot", "--ci95"], capsys)
+    code, out, err = cli("scripts.summarize", [str(root), "--out", str(tmp_path / "ci"), "--no-plot", "--ci95"], capsys)
     ci = (tmp_path / "ci" / "summary.md").read_text()
     assert "| 16 | 72.00 ± 1.85 | 82.00 ± 1.85 | 77.00 |" in ci and "95% confidence interval" in ci
     with Image.open(tmp_path / "sum" / "summary.png") as img:
@@ -155,6 +158,7 @@ def test_summary_table_csv_and_plot(tmp_path, capsys):
     assert "skipping" in err and "broken" in err
 
 
+@pytest.mark.slow
 def test_own_folder_dataset(demo_root, tmp_path, capsys):
     root = tmp_path / "my_shapes"
     for name in ("red_circle", "blue_square", "green_triangle"):
@@ -187,3 +191,16 @@ def test_folder_dataset_with_given_splits(demo_root, tmp_path):
     data = read_folder_dataset(root, [0.5, 0.2, 0.3], 1, tmp_path / "cache")
     assert data.classnames == ["blue_square", "red_circle"] and data.val == [] and data.split_file is None
     assert len(data.train) == 16 and len(data.test) == 16
+
+
+@pytest.mark.parametrize("entry,args,fragments", [
+    ("scripts.predict", ["run", "x.jpg", "--batch-size", "0"], ["--batch-size", "between 1 and 1024"]),
+    ("scripts.predict", ["run", "x.jpg", "--batch-size", "-1"], ["--batch-size", "between 1 and 1024"]),
+    ("scripts.predict", ["run", "x.jpg", "--top-k", "0"], ["--top-k", "between 1"]),
+    ("scripts.visualize", ["run", "x.jpg", "--out", "o", "--dpi", "0"], ["--dpi", "between 10 and 600"]),
+    ("scripts.visualize", ["run", "x.jpg", "--out", "o", "--dpi", "1e9"], ["--dpi", "expects int"]),
+    ("scripts.predict", ["run"], ["the following arguments are required: images"]),
+    ("scripts.summarize", [], ["the following arguments are required: root"]),
+])
+def test_every_number_on_a_tools_command_line_has_a_range(entry, args, fragments, capsys):
+    one_line_error(*cli(entry, args, capsys)[::2], *fragments)

@@ -107,6 +107,7 @@ def test_trunk_and_v0_equal_open_clips_encode_image(tiny_vit):
         assert torch.allclose(clip_vit_forward(tiny_vit.model.visual, tokens), v0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_b16_sizes_are_read_from_the_model():
     clip = FrozenCLIP(load_open_clip("ViT-B-16", None), "ViT-B-16")   # random weights: sizes only
     assert (clip.family, clip.feature_channels, clip.embed_dim, clip.grid, clip.image_size) == \
@@ -158,7 +159,7 @@ def test_vits_raft_cannot_pool_are_refused(change, message, tmp_path):
 # --------------------------------------------------------------------------- the pipeline
 def test_eval_caches_of_a_resnet_and_a_vit_never_mix(tiny_clip, tiny_vit, demo_root, tmp_path):
     from datasets import read_coop_dataset
-    from features import eval_store
+    from run.features import eval_store
     items = read_coop_dataset("demo", demo_root).test
     rn = eval_store(tiny_clip, items, tmp_path, "t", 16, 0, torch.device("cpu"), False)
     vit = eval_store(tiny_vit, items, tmp_path, "t", 16, 0, torch.device("cpu"), False)
@@ -175,6 +176,7 @@ FAST = ["--name", "", "--train_epoch", "4", "--warmup_epoch", "1", "--batch_size
 
 # a ViT (§10), and an attention-pool head (§11): a random head attends almost uniformly, so its
 # two queries need more steps to part
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,extra", [
     ("tiny-vit", []),
     ("tiny-siglip", ["--train_epoch", "40", "--shots", "16", "--batch_size", "32", "--warmup_epoch", "8"])])
@@ -196,14 +198,14 @@ def test_demo_config_trains_a_tiny_vit_and_tools_use_it(backbone, extra, demo_ro
     assert (run.parent / f"{run.name}_views2" / "results.json").is_file()
     # predict and visualize: attention over the 6×6 patch grid
     image = next((demo_root / "images" / "red_circle").glob("test_*.jpg"))
-    code, out, err = cli([str(run), str(image), "--top-k", "2"], capsys, entry="predict")
+    code, out, err = cli([str(run), str(image), "--top-k", "2"], capsys, entry="scripts.predict")
     assert code == 0 and "  1. " in out, err
-    from inference import attention_maps, load_images, load_run
+    from run.inference import attention_maps, load_images, load_run
     loaded = load_run(run, "cpu")
     _, images, _ = load_images(loaded, [image])
     maps = attention_maps(loaded, images)
     assert all(m.shape == (1, 6, 6) and torch.allclose(m.sum(), torch.tensor(1.0)) for m in maps.values())
-    code, out, err = cli([str(run), str(image), "--out", str(tmp_path / "vis")], capsys, entry="visualize")
+    code, out, err = cli([str(run), str(image), "--out", str(tmp_path / "vis")], capsys, entry="scripts.visualize")
     assert code == 0 and list((tmp_path / "vis").glob("*.png")), err
 
 
@@ -216,6 +218,7 @@ def test_a_resnet_checkpoint_is_refused_for_a_vit_run(demo_root, tmp_path, capsy
     assert code == 2 and "trained with backbone tiny-rn, this run uses tiny-vit" in err
 
 
+@pytest.mark.slow
 def test_imagenet_with_a_shift_set_and_a_resumed_vit_run(tmp_path, capsys, monkeypatch):
     """main_imagenet.py with a ViT, interrupted by Ctrl-C mid-epoch and resumed: the same
     numbers as an uninterrupted run."""
@@ -235,7 +238,7 @@ def test_imagenet_with_a_shift_set_and_a_resumed_vit_run(tmp_path, capsys, monke
     expected = json.loads((run / "results.json").read_text())
     assert expected["shift"]["imagenet_sketch"]["size"] == 4
     shutil.rmtree(tmp_path / "out")
-    import features
+    from run import features
     real_epoch, sent = features.LiveSource.epoch, []
 
     def epoch_with_ctrl_c(self, epoch, start=0):

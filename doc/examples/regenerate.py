@@ -2,6 +2,7 @@
 
     python doc/examples/regenerate.py             # offline, CPU; about 10 minutes on 2 cores
     python doc/examples/regenerate.py --keep W    # keep the work folder W (runs, caches)
+    python doc/examples/regenerate.py --layout    # only README.md's Layout, from the tree (a second)
 
 Runs in a fresh work folder (the demo data is generated there) and then
 - replaces the blocks between ``<!-- example:NAME -->`` and ``<!-- /example -->`` in README.md,
@@ -73,7 +74,7 @@ def demo_sweep(work: Path) -> Path:
     sh(["bash", str(ROOT / "scripts/sweep.sh"), "demo", "1 2 4 8 16", "1 2 3", *common], work)
     for old in EXAMPLES.glob("summary*"):
         old.unlink()
-    sh([PY, str(ROOT / "summarize.py"), "output/", "--out", str(EXAMPLES)], work)
+    sh([PY, str(ROOT / "scripts/summarize.py"), "output/", "--out", str(EXAMPLES)], work)
     replace_block(ROOT / "doc/summarize.md", "demo-summary",
                   "\n".join((EXAMPLES / "summary.md").read_text().splitlines()[2:]))
     return work / "output/demo/tiny-rn_16shots_seed1"
@@ -81,7 +82,7 @@ def demo_sweep(work: Path) -> Path:
 
 def pick_images(run_dir: Path, work: Path) -> tuple[str, str]:
     """One test image the run classifies correctly and one of another class that it misses."""
-    out, _ = sh([PY, str(ROOT / "predict.py"), str(run_dir.relative_to(work)), "data/demo/images", "--top-k", "1",
+    out, _ = sh([PY, str(ROOT / "scripts/predict.py"), str(run_dir.relative_to(work)), "data/demo/images", "--top-k", "1",
                  "--json", "-"], work)
     right = wrong = None
     for p in json.loads(out)["predictions"]:
@@ -97,16 +98,16 @@ def pick_images(run_dir: Path, work: Path) -> tuple[str, str]:
 
 def predict_example(run_dir: Path, work: Path, images: tuple[str, str]) -> None:
     rel = str(run_dir.relative_to(work))
-    out, _ = sh([PY, str(ROOT / "predict.py"), rel, *images, "--top-k", "3", "--json", "predictions.json"], work)
+    out, _ = sh([PY, str(ROOT / "scripts/predict.py"), rel, *images, "--top-k", "3", "--json", "predictions.json"], work)
     replace_block(ROOT / "doc/predict.md", "predict",
-                  f"```\n$ python predict.py {rel} {images[0]} \\\n      {images[1]} --top-k 3 "
+                  f"```\n$ python scripts/predict.py {rel} {images[0]} \\\n      {images[1]} --top-k 3 "
                   f"--json predictions.json\n{out.rstrip()}\n```")
 
 
 def visualize_example(run_dir: Path, work: Path, images: tuple[str, str]) -> None:
     target = EXAMPLES / "attention"
     shutil.rmtree(target, ignore_errors=True)
-    sh([PY, str(ROOT / "visualize.py"), str(run_dir.relative_to(work)), *images, "--out", str(target)], work)
+    sh([PY, str(ROOT / "scripts/visualize.py"), str(run_dir.relative_to(work)), *images, "--out", str(target)], work)
     sys.path.insert(0, str(ROOT))
     from inference import attention_maps, load_images, load_run
     run = load_run(run_dir, "cpu")
@@ -141,16 +142,50 @@ def protocols_example(work: Path) -> None:
         sh([PY, str(ROOT / "main.py"), "--config", str(ROOT / "configs/folder.yaml"), "--data_path", str(shapes),
             "--eval-only", "--checkpoint", str(proto / f"demo/tiny-rn_16shots_seed{seed}/checkpoint.pt"),
             "--cache_dir", str(work / "cache")], work)
-    out, _ = sh([PY, str(ROOT / "summarize.py"), str(proto), "--out", str(work / "protocols_summary"), "--no-plot"],
+    out, _ = sh([PY, str(ROOT / "scripts/summarize.py"), str(proto), "--out", str(work / "protocols_summary"), "--no-plot"],
                 work)
     tables = [block for block in out.split("### ")[1:] if "base-to-new" in block or "cross-dataset" in block]
     text = "\n".join("### " + block.split("written to")[0].rstrip() + "\n" for block in tables)
     replace_block(ROOT / "doc/protocols.md", "protocols",
                   "`bash scripts/sweep.sh demo 16 \"1 2 3\" --protocol base2new`, the same three few-shot runs, and "
                   "each of their pools evaluated with `--eval-only` on a folder dataset of the same eight shapes "
-                  "(`data/shapes`, split anew); then `python summarize.py`. The tiny CLIP's text encoder is "
+                  "(`data/shapes`, split anew); then `python scripts/summarize.py`. The tiny CLIP's text encoder is "
                   "random, so new classes stay at chance: what the demo shows is the mechanics.\n\n"
                   + text.replace("#### ", "### "))
+
+
+LAYOUT_PARTS = ("main.py", "main_imagenet.py", "utils.py", "clip", "datasets", "baselines", "run", "run/features",
+                "scripts", "scripts/summary", "gpt3_file")
+
+
+FOLDERS = {"scripts": "the tools: sweeps (*.sh), data, predict, visualize, summarize, the methods alone",
+           "gpt3_file": "class descriptions (CaFo's format) and the script that writes them"}
+
+
+def summary_line(path: Path) -> str:
+    """A module's docstring, first sentence (its first line when the sentence runs on)."""
+    import ast
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+    return first if len(first) <= 86 else first[:86].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
+def layout_block() -> str:
+    """README.md's Layout: every module of the tree with the first sentence of its docstring."""
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    lines = []
+    for part in LAYOUT_PARTS:
+        path = ROOT / part
+        if path.is_file():
+            lines.append(f"{part:<32} {summary_line(path)}")
+            continue
+        about = summary_line(path / "__init__.py") if (path / "__init__.py").is_file() else FOLDERS[part]
+        lines.append(f"{part + '/':<32} {about}")
+        for module in sorted(path.glob("*.py")):
+            if module.name != "__init__.py" and str(module.relative_to(ROOT)) in tracked:
+                lines.append(f"  {module.name:<30} {summary_line(module)}")
+    others = "configs/ (one YAML per dataset)  bench/ (speed and scale benchmarks)  doc/  tests/"
+    return "```\n" + "\n".join(lines) + "\n" + others + "\n```"
 
 
 def cpu_count() -> int:
@@ -161,7 +196,12 @@ def cpu_count() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", help="work folder to use and keep (default: a temporary one, removed)")
+    parser.add_argument("--layout", action="store_true", help="only README.md's Layout section, from the tree")
     args = parser.parse_args()
+    replace_block(ROOT / "README.md", "layout", layout_block())
+    if args.layout:
+        print("README.md's Layout regenerated")
+        return
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="raft_examples_"))
     work.mkdir(parents=True, exist_ok=True)
     try:

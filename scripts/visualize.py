@@ -1,7 +1,7 @@
 """Show where RAFT's class and background tokens look, beside CLIP's own attention pool.
 
-    python visualize.py output/oxford_pets/RN50_16shots_seed1 photo.jpg --out attention/
-    python visualize.py RUN_DIR images/ --out attention/
+    python scripts/visualize.py output/oxford_pets/RN50_16shots_seed1 photo.jpg --out attention/
+    python scripts/visualize.py RUN_DIR images/ --out attention/
 
 One PNG per image: the image as the model sees it (resized and centre-cropped), then the
 attention of the class token, of the background token and of CLIP's original pool over
@@ -16,10 +16,14 @@ from pathlib import Path
 
 import torch
 
-from datasets.loader import Preprocess
-from inference import attention_maps, class_probabilities, image_files, load_images, load_run, run_arguments
-from datasets import load_dataset
-from utils import RaftError, atomic_write, bounded, printable, run_main
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clip.preprocess import Preprocess  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from run.inference import (attention_maps, class_probabilities, image_files, load_images, load_run,  # noqa: E402
+                           run_arguments)
+from utils import RaftError, atomic_write, bounded, printable, run_main  # noqa: E402
 
 PANELS = (("class", "class token"), ("background", "background token"), ("clip", "CLIP's pool"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.augment import prepare_batch, reference_batch
+from datasets.augment import prepare_batch, published_batch
 from datasets.base import Datum
 from run.distributed import WORLD, World
 from utils import autocast, background, resolve_workers
@@ -135,8 +135,8 @@ class LiveSource:
                 self.aug_gen.set_state(self.aug_state)
 
 
-class ReferenceSource(LiveSource):
-    """``augment: reference``: the published code's augmentation. Every epoch each image is read
+class PublishedSource(LiveSource):
+    """``augment: published``: the published code's augmentation. Every epoch each image is read
     from its file again and cropped and resized once, by PIL from full resolution (torchvision's
     RandomResizedCrop on a PIL image, bicubic), flipped, converted and normalised -- where the
     default keeps each image decoded at a reduced size and resizes its crops with torch on the
@@ -150,7 +150,7 @@ class ReferenceSource(LiveSource):
         return [(h, w) for w, h in image_sizes(items, num_workers)]
 
     def prepare(self, idx: torch.Tensor, mine: slice):
-        return reference_batch([self.paths[i] for i in idx], [self.images[i] for i in idx], self.clip.preprocess,
+        return published_batch([self.paths[i] for i in idx], [self.images[i] for i in idx], self.clip.preprocess,
                                self.aug_gen, keep=mine, threads=self.threads,
                                pin=self.device.type == "cuda")
 

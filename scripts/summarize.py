@@ -1,7 +1,7 @@
 """Collect every results.json under a folder into the paper-style tables and plots.
 
-    python summarize.py output/                  # writes output/summary*.{md,csv,tex,png}
-    python summarize.py output/ --out tables/ --std sample --ci95 --curves
+    python scripts/summarize.py output/                  # writes output/summary*.{md,csv,tex,png}
+    python scripts/summarize.py output/ --out tables/ --std sample --ci95 --curves
 
 Rows are shot counts (and zero-shot CLIP), columns the datasets and their average; cells
 are mean ± spread over seeds (the population standard deviation by default, as the field's
@@ -18,12 +18,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from summary.collect import collect, repeated_seeds, tag_settings
-from summary.plots import plot, plot_curves, plot_methods
-from summary.stats import Spread
-from summary.tables import (base2new_table, combined_table, fewshot_table, methods_table, shift_table,
-                            transfer_table)
-from utils import RaftError, ToolParser, atomic_write, run_main
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.summary.collect import collect, repeated_seeds, tag_settings  # noqa: E402
+from scripts.summary.plots import plot, plot_curves, plot_methods  # noqa: E402
+from scripts.summary.stats import Spread  # noqa: E402
+from scripts.summary.tables import (base2new_table, combined_table, fewshot_table, methods_table,  # noqa: E402
+                                    shift_table, transfer_table)
+from utils import RaftError, ToolParser, atomic_write, run_main  # noqa: E402
 
 
 def write_text(path: Path, text: str) -> None:

@@ -12,16 +12,28 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from evaluation import harmonic_mean
+import baselines
+from datasets import BENCHMARK
+from utils import harmonic_mean
 
 from .stats import Spread, fmt, fmt_mean
 
-# The paper's column order; any other dataset follows alphabetically.
-DATASET_ORDER = ["imagenet", "caltech101", "dtd", "eurosat", "fgvc", "food101", "oxford_flowers", "oxford_pets",
-                 "stanford_cars", "sun397", "ucf101"]
+# The paper's column order (the dataset table's); any other dataset follows alphabetically.
+DATASET_ORDER = list(BENCHMARK)
 SHIFT_ORDER = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-METHODS = {"raft": "RAFT", "zero_shot": "zero-shot CLIP", "linear_probe": "linear probe",
-           "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F"}
+RAFT = "raft"   # RAFT's own column beside the registered methods (baselines/)
+
+
+def method_label(name: str) -> str:
+    return "RAFT" if name == RAFT else baselines.label(name)
+
+
+def method_order(names) -> list[str]:
+    """RAFT, then the registered methods in the registry's order, then any other a results file
+    holds (another version's, a method since removed), by name: shown under its key, never dropped."""
+    known = [RAFT, *baselines.METHODS]
+    present = set(names)
+    return [m for m in known if m in present] + sorted(present - set(known))
 TEXT_MARK = "†"
 
 
@@ -76,7 +88,7 @@ def marked(text: str, odd: bool) -> str:
     return text + TEXT_MARK if odd else text
 
 
-def text_note(common: str, odd: set) -> list[str]:
+def text_source_note(common: str, odd: set) -> list[str]:
     return [f"{TEXT_MARK} text from another source than the rest of the table ({common}): the runs are not "
             f"comparable on the text side"] if odd else []
 
@@ -120,7 +132,7 @@ def fewshot_table(rows: list[dict], group: str, spread: Spread, notes: list[str]
                  for s in t["shots"] if t["averages"][s] is not None]
     table = Table(f"RAFT, {group}: {len(rows)} run{'s' if len(rows) != 1 else ''}", ["shots", *ds, "Average"], body,
                   [f"Test top-1 accuracy (%), {spread.note()}; – : no run; the average only over a complete row.",
-                   *text_note(common, odd), *notes],
+                   *text_source_note(common, odd), *notes],
                   ["group", "dataset", "shots", "runs", "mean", "std", "zero_shot_mean"], csv_rows)
     return table, t
 
@@ -216,7 +228,7 @@ def base2new_table(rows: list[dict], group: str, spread: Spread, notes: list[str
                                          f"({len({d.split(' [')[0] for d in datasets} & set(DATASET_ORDER))} so far)."),
                   "Published averages (ViT-B/16, 16 shots), base / new / HM: CLIP 69.34 / 74.22 / 71.70 · "
                   "CoCoOp 80.47 / 71.69 / 75.83 · MaPLe 82.28 / 75.14 / 78.55 (doc/protocols.md).",
-                  *text_note(common, odd), *notes],
+                  *text_source_note(common, odd), *notes],
                  ["group", "dataset", "shots", "runs", "base", "new", "hm", "zero_shot_base", "zero_shot_new",
                   "zero_shot_hm"], csv_rows)
 
@@ -254,7 +266,7 @@ def transfer_table(rows: list[dict], group: str, spread: Spread) -> Table:
 def methods_table(rows: list[dict], group: str, spread: Spread) -> tuple[Table, dict]:
     """RAFT and the baselines per dataset and shot count; an average row per shot count once
     every dataset has a number (and the curve the plot draws)."""
-    methods = [m for m in METHODS if any(m in r["accs"] for r in rows)]
+    methods = method_order(m for r in rows for m in r["accs"])
     datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
     shots = sorted({r["shots"] for r in rows})
     cells = {(d, s, m): [r["accs"][m] for r in rows if r["dataset"] == d and r["shots"] == s and m in r["accs"]]
@@ -276,7 +288,7 @@ def methods_table(rows: list[dict], group: str, spread: Spread) -> tuple[Table, 
             body.append(["**Average**", str(s), *(fmt_mean(curve[m].get(s)) for m in methods)])
             csv_rows += [[group, "average", s, m, "", f"{curve[m][s]:.4f}"] for m in methods if s in curve[m]]
     table = Table(f"{group}: RAFT and the baselines ({len(rows)} run{'s' if len(rows) != 1 else ''})",
-                  ["dataset", "shots", *(METHODS[m] for m in methods)], body,
+                  ["dataset", "shots", *(method_label(m) for m in methods)], body,
                   [f"Test top-1 accuracy (%), {spread.note()}. Every method on the same few-shot images, the same "
                    "CLIP features and text, its hyper-parameters chosen on validation data (doc/baselines.md); "
                    "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones."],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from utils import atomic_write
 
-from .tables import METHODS
+from .tables import method_label
 
 STYLES = ("-", "--", ":", "-.")
 
@@ -78,7 +78,7 @@ def plot_methods(curve: dict, title: str, path: Path) -> None:
         if points:
             shots = sorted(points)
             ax.plot(shots, [points[s] for s in shots], marker="o", lw=3 if method == "raft" else 1.6, ls=style,
-                    color="black" if method == "raft" else colour, label=METHODS[method])
+                    color="black" if method == "raft" else colour, label=method_label(method))
     shots_axis(ax, sorted({s for points in curve.values() for s in points}))
     finish(fig, ax, title, path)
 

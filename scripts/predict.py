@@ -1,7 +1,7 @@
 """Classify images with a trained RAFT run.
 
-    python predict.py output/oxford_pets/RN50_16shots_seed1 photo.jpg more_photos/
-    python predict.py RUN_DIR images/ --top-k 3 --json predictions.json
+    python scripts/predict.py output/oxford_pets/RN50_16shots_seed1 photo.jpg more_photos/
+    python scripts/predict.py RUN_DIR images/ --top-k 3 --json predictions.json
 
 Uses the run's own config, class names, text classifier and chosen alpha: the fused logits
 ``alpha·cls + (1-alpha)·clip`` of the evaluation, turned into probabilities.
@@ -9,9 +9,13 @@ Uses the run's own config, class names, text classifier and chosen alpha: the fu
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from inference import class_probabilities, image_files, load_images, load_run, run_arguments
-from utils import bounded, json_bytes, printable, run_main, write_json
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from run.inference import class_probabilities, image_files, load_images, load_run, run_arguments  # noqa: E402
+from utils import bounded, json_bytes, printable, run_main, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -10,22 +10,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip.backbone import FrozenCLIP
-from clip.reference import Float16Reference
+from clip.published import Numerics
 from datasets import DatasetSplits, Datum
 from datasets.loader import eval_transform
-from features import eval_store, live_batches
-from loss import cosine_logits, reference_logits
-import utils
+from run.checkpoints import read_results
 from run.config import Config
+from run.context import Model, RunContext
 from run.distributed import WORLD
-from run.results import source_alpha
+from run.features import eval_store, live_batches
 from run.task import in_classes
-from utils import RaftError, autocast
-
-if TYPE_CHECKING:
-    from run.folders import RunPlan
-    from run.model import Model
-    from run.task import ImageSets, Task
+from utils import RaftError, autocast, harmonic_mean
 
 
 class SplitLogits(NamedTuple):
@@ -45,23 +39,20 @@ class SplitLogits(NamedTuple):
 
 @torch.no_grad()
 def collect_logits(pool: torch.nn.Module, text: torch.Tensor, batches, device: torch.device, amp: bool,
-                   desc: str, scale: float = 100.0) -> SplitLogits:
+                   desc: str, numerics: Numerics, scale: float = 100.0) -> SplitLogits:
     """Fine-tuned and zero-shot logits (on the CPU) and labels for a whole split, from
-    ``(feature map, v0, labels)`` batches. A float16 reference pool is evaluated as the
-    published code evaluates: float16 logits (so the alpha blend and its argmax run in float16)."""
+    ``(feature map, v0, labels)`` batches, computed as the run's numerics computes them (the
+    published float16 step: float16 logits, so the alpha blend and its argmax run in float16)."""
     pool.eval()
     num_classes = text.shape[1] - 1
     cls_all, clip_all, labels_all, v0_all = [], [], [], []
     cos_sum = torch.zeros((), dtype=torch.float64, device=device)
     for fmap, v0, labels in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        with autocast(device, amp):
+        with autocast(device, amp and numerics.amp):
             v_cls, v_bg = pool(fmap)
-        if v_cls.dtype == torch.float16 and isinstance(pool, Float16Reference):
-            cls_all.append(reference_logits(v_cls, text[:, :num_classes], scale).cpu())
-            clip_all.append(reference_logits(v0.half(), text[:, :num_classes], scale).cpu())
-        else:
-            cls_all.append(cosine_logits(v_cls, text[:, :num_classes], scale).cpu())
-            clip_all.append(cosine_logits(v0, text[:, :num_classes], scale).cpu())
+        clip_v0 = numerics.clip_feature(pool, fmap, v0)
+        cls_all.append(numerics.logits(v_cls, text[:, :num_classes], scale).cpu())
+        clip_all.append(numerics.logits(clip_v0, text[:, :num_classes], scale).cpu())
         v0_all.append(F.normalize(v0.float(), dim=-1).cpu())
         cos_sum += F.cosine_similarity(v_cls.float(), v_bg.float(), dim=-1).sum()
         labels_all.append(labels.cpu())
@@ -135,10 +126,6 @@ def evaluate(val: SplitLogits | None, test: SplitLogits, cfg: Config,
     return out
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
-
-
 def evaluate_base2new(val: SplitLogits | None, base: SplitLogits, new: SplitLogits, cfg: Config,
                       num_classes: dict[str, int], device: torch.device | None = None) -> dict:
     """Base-to-new (doc/protocols.md): alpha from the base classes' validation data; the same
@@ -175,8 +162,10 @@ class SplitFeatures:
     for the whole split, then shared by every protocol, run and baseline), else computed on the
     fly; only the images of a class view's classes, their labels mapped to the view's."""
 
-    def __init__(self, clip: FrozenCLIP, cfg: Config, data: DatasetSplits, device: torch.device, use_amp: bool):
+    def __init__(self, clip: FrozenCLIP, cfg: Config, data: DatasetSplits, device: torch.device, use_amp: bool,
+                 numerics: Numerics):
         self.clip, self.cfg, self.data, self.device, self.amp = clip, cfg, data, device, use_amp
+        self.numerics = numerics
         self.skipped: dict[str, list[str]] = {}
 
     def _rows_of(self, items: list[Datum], split: str, view: DatasetSplits):
@@ -217,7 +206,7 @@ class SplitFeatures:
         """The split's logits; under torchrun each process scores its share of the images, then
         every process gets all of them (each image scored exactly once)."""
         logits = collect_logits(pool, text, self.batches(items, split, view), self.device, self.amp, split,
-                                self.cfg.logit_scale)
+                                self.numerics, self.cfg.logit_scale)
         world = WORLD
         if world.many:
             total = world.gather_objects((logits.bg_cos * len(logits.labels), len(logits.labels)))
@@ -241,18 +230,38 @@ class SplitFeatures:
         return SplitLogits(None, None, self.relabel(labels, view, split), 0.0, F.normalize(v0, dim=-1))
 
 
-def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, images: ImageSets, plan: RunPlan,
-                 device: torch.device, use_amp: bool) -> dict:
+def source_alpha(ctx: RunContext) -> tuple[float, str]:
+    """A transfer is scored at the alpha its source run chose on its own validation data
+    (or at a fixed --alpha): nothing about the target's labels chooses anything."""
+    if ctx.cfg.alpha is not None:
+        return ctx.cfg.alpha, "config"
+    source_results = ctx.folder.ckpt_path.parent / "results.json"
+    if not source_results.is_file():
+        raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
+                        f"(finish that run first, or pass a fixed --alpha)")
+    return float(read_results(source_results)["alpha"]), f"the source run, {source_results}"
+
+
+def evaluate_run(ctx: RunContext, model: Model) -> dict:
     """Logits once per split (trunk features of the whole split from the cache when enabled,
-    shared by every protocol), then alpha from validation data and the scores."""
+    shared by every protocol), then alpha from validation data and the scores. Without a pool
+    (the methods alone): CLIP's own features of each split, for the methods to read."""
+    cfg, data, task, images, device = ctx.cfg, ctx.data, ctx.task, ctx.images, ctx.device
     start = time.perf_counter()
-    splits = SplitFeatures(model.clip, cfg, data, device, use_amp)
-    skipped = splits.skipped
+    splits = SplitFeatures(model.clip, cfg, data, device, ctx.amp, ctx.numerics)
+    val_items = data.val if images.val_source == "split" else images.val
+    sizes = {"train": len(images.train)}
+    if model.pool is None:
+        logits = {"val": splits.v0(val_items, "val", task.train) if images.val else None,
+                  **{name: splits.v0(data.test, "test", view) for name, view in task.targets.items()}}
+        sizes |= {"val": len(logits["val"].labels) if images.val else 0,
+                  "test": sum(len(v.labels) for k, v in logits.items() if k != "val")}
+        return {"sizes": sizes, "skipped": splits.skipped, "val_source": images.val_source, "logits": logits,
+                "seconds": time.perf_counter() - start}
 
     def logits_of(items: list[Datum], split: str, view: DatasetSplits, text: torch.Tensor) -> SplitLogits:
         return splits.logits(model.pool, text, items, split, view)
 
-    val_items = data.val if images.val_source == "split" else images.val
     val = logits_of(val_items, "val", task.train, model.text) if images.val else None
     scored = {name: logits_of(data.test, "test", view, model.target_text[name])
               for name, view in task.targets.items()}
@@ -262,9 +271,9 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
         if shift.class_subset is not None:  # 200-class variants: restrict to their classes
             logits = logits.restrict(shift.class_subset, data.num_classes)
         shifts[name] = logits
-    with utils.CLOCK.section("alpha search"):   # on the run's device
-        if plan.transfer_from is not None:
-            alpha, alpha_source = source_alpha(plan, cfg)
+    with ctx.clock.section("alpha search"):   # on the run's device
+        if ctx.folder.transfer_from is not None:
+            alpha, alpha_source = source_alpha(ctx)
             metrics = evaluate(None, scored["test"], Config(dict(cfg) | {"alpha": alpha}), shifts, device)
             metrics["alpha_source"] = alpha_source
         elif "test" in scored:
@@ -272,7 +281,6 @@ def evaluate_run(model: Model, cfg: Config, data: DatasetSplits, task: Task, ima
         else:
             metrics = evaluate_base2new(val, scored["base"], scored["new"], cfg,
                                         {name: view.num_classes for name, view in task.targets.items()}, device)
-    sizes = {"train": len(images.train), "val": len(val.labels) if val else 0,
-             "test": sum(len(logits.labels) for logits in scored.values())}
-    return {"metrics": metrics, "sizes": sizes, "skipped": skipped, "val_source": images.val_source,
+    sizes |= {"val": len(val.labels) if val else 0, "test": sum(len(logits.labels) for logits in scored.values())}
+    return {"metrics": metrics, "sizes": sizes, "skipped": splits.skipped, "val_source": images.val_source,
             "logits": {"val": val, **scored}, "seconds": time.perf_counter() - start}

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from clip.backbone import FrozenCLIP, load_open_clip, restore_batchnorm
-from clip.reference import make_region_pool
+from clip.backbone import FrozenCLIP
+from clip.loss import cosine_logits
+from clip.published import make_region_pool
 from datasets.base import IMAGE_SUFFIXES
 from datasets.loader import eval_transform, read_rgb
-from loss import cosine_logits
 from run.checkpoints import load_pool_state, read_checkpoint, read_results
 from run.config import Config, build_config
+from run.model import frozen_clip
 from utils import RaftError, ToolParser, resolve_device
 
 
@@ -70,10 +71,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | None = No
     else:
         raise RaftError(f"{run_dir} has no results.json yet: its alpha is chosen when it is evaluated")
     dev = resolve_device(device)
-    clip = FrozenCLIP(load_open_clip(cfg.backbone, cfg.weights, cfg.quick_gelu), cfg.backbone, cfg.weights)
-    if ckpt.get("trunk_batchnorm"):  # a random trunk whose BatchNorm statistics were measured in training
-        restore_batchnorm(clip, ckpt["trunk_batchnorm"])
-    clip = clip.to(dev)
+    clip = frozen_clip(cfg, ckpt.get("trunk_batchnorm")).to(dev)   # statistics: a random trunk's, measured
     pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision)
     load_pool_state(pool, ckpt, ckpt_path)
     if ckpt["text"].shape[0] != clip.embed_dim:

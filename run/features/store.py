@@ -25,7 +25,8 @@ from utils import RaftError, background
 
 log = logging.getLogger("raft")
 
-CACHE_VERSION = 1
+# 2: images read with their EXIF orientation applied, the trunk's batch size in every key
+CACHE_VERSION = 2
 
 
 NO_MAPS = (0,)   # the map shape of a store that keeps CLIP's own feature v0 alone (what the baselines read)

@@ -15,8 +15,8 @@ from datasets.augment import augment, crop_params
 
 from .caches import eval_store, live_batches, view_store
 from .decode import decode_images
-from .sources import LiveSource, ReferenceSource, ViewSource, encode_share, share_rounding
+from .sources import LiveSource, PublishedSource, ViewSource, encode_share, share_rounding
 from .store import FeatureStore, build_store, cached_store
 
-__all__ = ["FeatureStore", "LiveSource", "ReferenceSource", "ViewSource", "augment", "build_store", "cached_store", "crop_params",
+__all__ = ["FeatureStore", "LiveSource", "PublishedSource", "ViewSource", "augment", "build_store", "cached_store", "crop_params",
            "decode_images", "encode_share", "eval_store", "live_batches", "share_rounding", "view_store"]

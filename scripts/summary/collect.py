@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from run.config import CONFIG_DIR, NOT_TRAINING_KEYS, file_values
+from run.config import CONFIG_DIR, NAMED_KEYS, NOT_TRAINING_KEYS, file_values
 
 PROTOCOLS = ("fewshot", "base2new", "transfer", "methods")
 
@@ -24,7 +24,7 @@ def group_of(run_dir: Path) -> str:
     return re.sub(r"_\d+shots_seed\d+", "", run_dir.name)
 
 
-def read_results(path: Path) -> dict | None:
+def read_record(path: Path) -> dict | None:
     try:
         r = json.loads(path.read_text(encoding="utf-8"))
         float(r["test_acc"]), float(r["zero_shot_acc"]), int(r["shots"]), r["dataset"], r["backbone"]
@@ -73,7 +73,7 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
     domain-shift evaluations (results_shift.json; results_eval.json of earlier versions) and the
     transfers (transfer_<dataset>.json) beside a run join its record."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {p: [] for p in PROTOCOLS})
-    for path in sorted(root.rglob("baselines.json")):   # baselines/run.py, where RAFT has not run (yet)
+    for path in sorted(root.rglob("baselines.json")):   # scripts/run_baselines.py, where RAFT has not run (yet)
         if not (path.parent / "results.json").is_file():
             try:
                 b = json.loads(path.read_text(encoding="utf-8"))
@@ -84,7 +84,7 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
             except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
                 print(f"skipping {path}: not a baselines file", file=sys.stderr)
     for path in sorted(root.rglob("results.json")):
-        r = read_results(path)
+        r = read_record(path)
         if r is None:
             continue
         row = record(r, path)
@@ -96,13 +96,13 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
             continue
         for name in ("results_shift.json", "results_eval.json"):
             evaluated = path.parent / name
-            if not row["shift"] and evaluated.is_file() and (again := read_results(evaluated)) is not None:
+            if not row["shift"] and evaluated.is_file() and (again := read_record(evaluated)) is not None:
                 row["shift"] = record(again, evaluated)["shift"]
         group["fewshot"].append(row)
         if r.get("baselines"):
             group["methods"].append(method_row(r, row, row["acc"]))
         for transfer in sorted(path.parent.glob("transfer_*.json")):
-            t = read_results(transfer)
+            t = read_record(transfer)
             if t is not None:
                 group["transfer"].append(row | {"target": t["dataset"], "target_acc": float(t["test_acc"]),
                                                 "target_zero_shot": float(t["zero_shot_acc"])})
@@ -152,7 +152,7 @@ def tag_settings(rows: list[dict]) -> dict[str, str]:
         if not config or not path.is_file():
             continue
         defaults = file_values(path)
-        changed = {k: v for k, v in config.items() if k not in NOT_TRAINING_KEYS | {"name", "backbone", "shots", "seed"}
+        changed = {k: v for k, v in config.items() if k not in NOT_TRAINING_KEYS | NAMED_KEYS
                    and k in defaults and defaults[k] != v}
         return {k: str(v) for k, v in changed.items()}
     return {}

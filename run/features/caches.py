@@ -62,8 +62,11 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
     ``skip_bad``: leave unreadable images out (listed in the store's ``skipped``) instead of failing.
     ``keep_maps=False``: CLIP's own feature ``v0`` only (what the baselines read)."""
     transform = eval_transform(clip.preprocess)
+    # the batch size too: the trunk's kernels can round an image's features differently in
+    # batches of other sizes (a batch of one takes another path on CPUs)
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
-                      file_stamps(items), amp and device.type == "cuda", skip_bad, *([] if keep_maps else ["v0 only"]))
+                      file_stamps(items), amp and device.type == "cuda", skip_bad, batch_size,
+                      *([] if keep_maps else ["v0 only"]))
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
 
     def build() -> FeatureStore:
@@ -87,9 +90,10 @@ def view_store(clip, items: list[Datum], views: int, seed: int, cache_dir: str |
     cached (rows: view 0 of every image, then view 1, ...). ``keep_maps=False`` keeps only
     CLIP's own feature ``v0`` (Tip-Adapter's views), not the trunk outputs."""
     margin = math.sqrt(scale[0] * CROP_RATIO[0])   # the smallest crop's side over the image's shorter side
-    parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp and device.type == "cuda"]
+    parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp and device.type == "cuda",
+             batch_size]
     key = sha256_text("train-views", CACHE_VERSION, clip.backbone, clip.fingerprint(), file_stamps(items),
-                      *parts, *([] if keep_maps else ["v0 only"]))  # RAFT's view caches keep their old keys
+                      *parts, *([] if keep_maps else ["v0 only"]))
     kind = "views" if keep_maps else "v0views"
     path = Path(cache_dir) / "features" / f"{name}_{kind}{views}_{clip.backbone}_{key[:20]}"
     return cached_store(path, key, lambda: build_views(clip, items, views, seed, path, key, kind, device, amp,
