@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import pickle
-import stat
 import queue
 import random
+import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -255,8 +256,33 @@ def log_to_run_files(message: str) -> None:
             handler.flush()
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, ``kill``) outside the training loop, which saves and
+    stops on its own: raised where the program is, so every phase stops as Ctrl-C stops it."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def raise_signalled(signum, frame) -> None:
+    raise Signalled(signal.Signals(signum).name)
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run an entry point: user errors become one line on stderr and exit code 2."""
+    """Run an entry point: user errors become one line on stderr and exit code 2; SIGINT and
+    SIGTERM in any phase one line and exit code 130 (what is finished -- caches, saved training
+    states -- is kept: the same command goes on from there)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_signalled) if in_main_thread else None
+    try:
+        return _run_main(main, argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints as \xNN, never fails
         if hasattr(stream, "reconfigure"):
@@ -281,9 +307,13 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         print(f"error: {what}{printable(where)}; nothing was left half-written", file=sys.stderr)
         log_to_run_files(f"error: {what}{printable(where)}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        log_to_run_files("interrupted")
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        name = getattr(exc, "name", "SIGINT")
+        message = f"error: stopped by {name}; run the same command to go on (finished caches and saved states are kept)"
+        print(message, file=sys.stderr)
+        log_to_run_files(message)
         return 130
     return code if isinstance(code, int) else 0
 
@@ -602,7 +632,7 @@ def torch_load(path: str | Path, what: str = "file") -> Any:
         text = str(exc)
         if "weights only" in text.lower() or "unsupported global" in text.lower():
             import re
-            named = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", text)
+            named = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global:? ([\w.]+)", text)
             asks = f" ({named.group(1)})" if named else ""
             raise RaftError(f"refusing to load {what} {printable(path)}: it needs pickled Python code to load"
                             f"{asks}; only tensors, plain containers and numpy scalars are accepted") from None

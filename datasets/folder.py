@@ -66,11 +66,18 @@ def _made_splits(root: Path, fractions: list[float], seed: int) -> tuple[list[st
     return classes, splits
 
 
-def read_folder_dataset(root: str | Path, fractions: list[float], seed: int, cache_dir: str | Path,
+def folder_root(path: str | Path) -> Path:
+    """A folder dataset's root as a run names it: the path as given (a symlink keeps its own
+    name), resolved only when it has none (`--data_path .`, `..`). The one rule of main.py,
+    scripts/pending.py and every tool."""
+    root = Path(path)
+    return root.resolve() if root.name in ("", ".", "..") else root
+
+
+def read_folder_dataset(root: str | Path, fractions: list[float], seed: int, cache_dir: str | Path | None,
                         templates: list[str] | None = None) -> DatasetSplits:
-    root = Path(root)
-    if root.name in ("", ".", ".."):  # `--data_path .`: name the dataset after the folder itself
-        root = root.resolve()
+    """``cache_dir`` None: read only (a tool's look at the data: the drawn split is not recorded)."""
+    root = folder_root(root)
     if not root.is_dir():
         raise RaftError(f"data_path {root} does not exist; a folder dataset is <data_path>/<class name>/*.jpg "
                         f"or <data_path>/{{train,val,test}}/<class name>/*.jpg")
@@ -90,7 +97,7 @@ def read_folder_dataset(root: str | Path, fractions: list[float], seed: int, cac
             f"here (rename the folders for meaningful prompts)")
     data = DatasetSplits(root.name, root, [class_name(c) for c in classes], list(templates or DEFAULT_TEMPLATES),
                          **splits)
-    if not given:
+    if not given and cache_dir is not None:
         rows = {s: [[str(Path(d.path).relative_to(root)), d.label, d.classname] for d in items]
                 for s, items in splits.items()}
         key = sha256_text("folder-split", str(root.resolve()), fractions, seed, rows)

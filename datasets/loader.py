@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import torch
 from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -85,15 +86,29 @@ def to_rgb(img: Image.Image, path: str) -> Image.Image:
         raise UnreadableImage(path, f"mode {img.mode} cannot be converted to RGB") from None
 
 
+MAX_ASPECT = 20.0   # the longest side over the shortest: a thin image is resized to a size of that ratio
+
+
 def read_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image to 8-bit RGB (``to_rgb``); unreadable files raise
-    ``UnreadableImage`` with a short reason."""
+    """Open and fully decode an image to 8-bit RGB (``to_rgb``), turned upright as its EXIF
+    orientation says (a phone's photo stored sideways, tags 2-8): the one reader of every image
+    a run, a tool or a check reads. Unreadable files raise ``UnreadableImage`` with a short reason:
+    not a regular file (a FIFO would block, a device never end), empty, not an image, truncated,
+    or so thin that the evaluation resize (short side to the model's) would make it gigabytes."""
     try:
-        if os.path.getsize(path) == 0:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableImage(path, "not a regular file" + (" (a folder)" if stat.S_ISDIR(info.st_mode) else ""))
+        if info.st_size == 0:
             raise UnreadableImage(path, "empty file")
         with Image.open(path) as img:
+            w, h = img.size
+            if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+                raise UnreadableImage(path, f"{w}×{h} pixels: more than {MAX_ASPECT:g} times longer than it is "
+                                            f"wide, resized to the model's size it would be {max(w, h) / min(w, h):,.0f} "
+                                            f"times its side")
             img.load()            # forces the full decode: truncated files fail here
-            return to_rgb(img, path)
+            return to_rgb(ImageOps.exif_transpose(img), path)
     except UnreadableImage:
         raise
     except FileNotFoundError:
@@ -101,7 +116,8 @@ def read_rgb(path: str) -> Image.Image:
     except UnidentifiedImageError:
         raise UnreadableImage(path, "not an image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(path, f"corrupt or truncated ({first_line(exc, 120)})") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"corrupt or truncated ({first_line(exc, 120)})"
+        raise UnreadableImage(path, reason) from None
 
 
 class ImageList(Dataset):

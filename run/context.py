@@ -53,6 +53,7 @@ class Model:
     text: torch.Tensor           # D × (C+1) of the trained classes: class columns, then the background column
     pool: torch.nn.Module | None  # the region pool (None: the baselines alone, nothing is trained)
     target_text: dict[str, torch.Tensor]   # the same for each scored class set
+    text_report: dict | None = None        # what the trained classes' sentences lost to the text window
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from clip.backbone import FrozenCLIP, calibrate_batchnorm, load_open_clip, restore_batchnorm
-from clip.text import cached_text_matrix, class_sentences, load_descriptions
+from clip.text import class_sentences, load_descriptions, text_classifier
 from datasets import DatasetSplits
 from datasets.loader import eval_transform, make_loader
 from datasets.published import file_blob_id, published_descriptions
@@ -40,26 +40,29 @@ def load_frozen_clip(ctx: RunContext) -> FrozenCLIP:
     return clip
 
 
-def task_texts(ctx: RunContext, clip: FrozenCLIP) -> tuple[torch.Tensor, dict]:
-    """The text matrix of the trained classes, and of each scored class set."""
+def task_texts(ctx: RunContext, clip: FrozenCLIP) -> tuple[torch.Tensor, dict, dict]:
+    """The text matrix of the trained classes, and of each scored class set; what the trained
+    classes' sentences lost to the text encoder's window."""
     task = ctx.task
     views = {id(view): view for view in (task.train, *task.targets.values())}   # each class set once
-    texts = {key: build_text(clip, view, ctx.cfg, ctx.log).to(ctx.device) for key, view in views.items()}
-    return texts[id(task.train)], {name: texts[id(view)] for name, view in task.targets.items()}
+    built = {key: build_text(clip, view, ctx.cfg, ctx.log) for key, view in views.items()}
+    texts = {key: text.to(ctx.device) for key, (text, _) in built.items()}
+    return (texts[id(task.train)], {name: texts[id(view)] for name, view in task.targets.items()},
+            built[id(task.train)][1])
 
 
 def build_model(ctx: RunContext, pool: bool = True) -> Model:
     """Frozen CLIP, the text classifiers and (``pool``) a fresh region pool in the run's numerics."""
     clip = load_frozen_clip(ctx)
-    text, target_text = task_texts(ctx, clip)
+    text, target_text, report = task_texts(ctx, clip)
     if not pool:
-        return Model(clip, text, None, target_text)
+        return Model(clip, text, None, target_text, report)
     region_pool = ctx.numerics.pool(clip, ctx.cfg.mask_bg_in_cls).to(ctx.device)
     ctx.log.info(f"backbone {ctx.cfg.backbone} (weights {ctx.cfg.weights or 'random'}): {clip.spec.what} "
                  f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding "
                  f"{clip.embed_dim}, {region_pool.num_heads} heads, "
                  f"{sum(p.numel() for p in region_pool.parameters() if p.requires_grad):,} trainable parameters")
-    return Model(clip, text, region_pool, target_text)
+    return Model(clip, text, region_pool, target_text, report)
 
 
 GPT3_DIR = Path(__file__).resolve().parents[1] / "gpt3_file"   # where `descriptions: auto` looks
@@ -87,7 +90,8 @@ def text_source(cfg: Config, data: DatasetSplits) -> dict:
             "published": published is not None and blob == published.git_blob}
 
 
-def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch.Tensor:
+def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> tuple[torch.Tensor, dict]:
+    """The class set's text matrix, and what the text encoder's window cut (``sentence_report``)."""
     templates = cfg.templates or data.templates
     descriptions, source = None, description_file(cfg, data.name)
     if source is not None:
@@ -98,11 +102,17 @@ def build_text(clip: FrozenCLIP, data: DatasetSplits, cfg: Config, log) -> torch
     sentences = class_sentences(data.classnames, templates, descriptions, str(source))
     world = WORLD
     if world.main:  # one process encodes and caches; the others then read the cache
-        text = cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
+        text, report = text_classifier(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
     world.barrier()
     if not world.main:
-        text = cached_text_matrix(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
-    return text
+        text, report = text_classifier(clip, data.classnames, sentences, cfg.cache_dir, data.name, cfg.renorm_bg_text)
+    if report["cut_sentences"]:
+        cut = report["cut_by_class"]
+        log.warning(f"warning: {report['cut_sentences']} of {sum(map(len, sentences))} class sentences are longer than "
+                    f"the text encoder's {report['context_length']} tokens and were cut, in {len(cut)} of "
+                    f"{len(sentences)} classes ({', '.join(f'{k}: {v}' for k, v in list(cut.items())[:5])}"
+                    f"{' …' if len(cut) > 5 else ''}); results.json → text_cut lists them")
+    return text, report
 
 
 def calibrate_on(clip: FrozenCLIP, items, cfg: Config, device: torch.device, log) -> None:

@@ -36,6 +36,7 @@ def write_results(ctx: RunContext, model: Model, trained: Trained, evaluation: d
         "sizes": evaluation["sizes"],
         "val_source": evaluation["val_source"],
         "text_source": text_source(cfg, data), "lr_schedule": "published",
+        **({"text_cut": model.text_report} if model.text_report and model.text_report["cut_sentences"] else {}),
         **({"imported_from": plan.ckpt["imported_from"]} if plan.ckpt and "imported_from" in plan.ckpt else {}),
         **({"history": trained.history} if trained.history else {}),
         **({"split_file": str(data.split_file)} if data.split_file else {}),

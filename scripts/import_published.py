@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None):
                         f"{clip.spec.label}")
     pool = make_region_pool(clip, cfg.mask_bg_in_cls, cfg.pool_precision)
     pool.load_state_dict(published_pool_state(published, pool, path, cfg.backbone))
-    text = build_text(clip, data, cfg, log)
+    text, _ = build_text(clip, data, cfg, log)
     origin = {"code": REPOSITORY, "path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
               "epoch": published.get("epoch")}
     write_yaml(run_dir / "config.yaml", dict(cfg))

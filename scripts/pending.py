@@ -17,14 +17,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datasets.folder import folder_root  # noqa: E402
 from run.config import Config, data_folder, parse_args  # noqa: E402
 from run.folders import run_dir_of, run_tag  # noqa: E402
-from utils import RaftError, run_main  # noqa: E402
+from utils import RaftError, printable, run_main  # noqa: E402
 
 
 def dataset_name(cfg: Config) -> str:
-    """The name a run folder is filed under: your folder's name, else the config's dataset."""
-    return Path(cfg.data_path).resolve().name if cfg.dataset == "folder" else cfg.dataset
+    """The name a run folder is filed under: your folder's name (as main.py names it), else the
+    config's dataset."""
+    return folder_root(cfg.data_path).name if cfg.dataset == "folder" else cfg.dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets, shots, seeds, overrides = argv[0].split(), argv[1].split(), argv[2].split(), argv[3:]
     python, root = os.environ.get("PYTHON", "python"), os.environ.get("DATA")
     listed = finished = 0
+    commands, missing, checked = [], [], set()
     for dataset in datasets:
         entry = "main_imagenet.py" if dataset == "imagenet" else "main.py"
         # DATA=/data: the config's own folder name under it (as scripts/common.sh's data_args)
@@ -46,11 +49,22 @@ def main(argv: list[str] | None = None) -> int:
                 args = ["--config", f"configs/{dataset}.yaml", "--shots", shot, "--seed", seed, *where, *overrides]
                 cfg, flags = parse_args(args, "")
                 cfg = Config(dict(cfg) | {"name": run_tag(cfg, flags)})
+                if dataset not in checked:   # its folder, as the runs will read it (the demo is generated)
+                    checked.add(dataset)
+                    if dataset != "demo" and not Path(cfg.data_path).is_dir():
+                        missing.append(f"{dataset} ({printable(cfg.data_path)})")
                 listed += 1
                 if (run_dir_of(cfg, dataset_name(cfg)) / "results.json").is_file():
                     finished += 1
                 else:
-                    print(f"cd {shlex.quote(str(ROOT))} && {shlex.join([python, entry, *args])}")
+                    commands.append(f"cd {shlex.quote(str(ROOT))} && {shlex.join([python, entry, *args])}")
+    if missing:   # every dataset checked at once, before any run starts
+        raise RaftError(f"no data for {len(missing)} of {len(datasets)} dataset(s): {', '.join(missing)}; "
+                        f"python scripts/get_files.py fetches the split and description files, doc/datasets.md says "
+                        f"where each dataset's images come from, python scripts/check_data.py checks them (DATA=/root "
+                        f"for one root of all datasets)")
+    for command in commands:
+        print(command)
     if finished:
         print(f"{finished} of {listed} run{'s' if listed != 1 else ''} already finished: left out", file=sys.stderr)
     return 0

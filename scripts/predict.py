@@ -8,6 +8,7 @@ Uses the run's own config, class names, text classifier and chosen alpha: the fu
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,19 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from run.inference import class_probabilities, image_files, load_images, load_run, run_arguments  # noqa: E402
-from utils import bounded, json_bytes, printable, run_main, write_json  # noqa: E402
+from utils import RaftError, bounded, json_bytes, printable, run_main, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None):
     parser = run_arguments(__doc__)
     parser.add_argument("--top-k", type=bounded(int, 1, 100_000), default=5,
                         help="classes listed per image (1 to 100000; at most the run's classes are shown)")
-    parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-': stdout only)")
+    parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON to FILE, relative to the "
+                                                       "current folder ('-': stdout only); never one of the images")
     parser.add_argument("--batch-size", type=bounded(int, 1, 1_024), default=32,
                         help="images classified at once (1 to 1024: a batch is held in memory)")
     args = parser.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.weights)
     paths = image_files(args.images)
+    if args.json not in (None, "-"):
+        target = Path(os.path.expanduser(args.json)).absolute()
+        if target.is_dir() or target.resolve() in {p.resolve() for p in paths} | {(run.run_dir / n).resolve() for n in
+                                                                                  ("checkpoint.pt", "results.json")}:
+            raise RaftError(f"--json {printable(args.json)} is {'a folder' if target.is_dir() else 'one of the inputs'}: "
+                            f"give a file of its own for the predictions")
+        args.json = str(target)
     k = max(1, min(args.top_k, len(run.classnames)))
     predictions, errors = [], []
     for start in range(0, len(paths), args.batch_size):

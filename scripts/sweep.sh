@@ -46,7 +46,7 @@ pending() {
 
 if [[ $list == 1 ]]; then
   pending "$@"
-  exit
+  exit $?
 fi
 
 # CHECK=1: every dataset of the sweep checked first (scripts/check_data.py); a missing file stops it here
@@ -56,7 +56,10 @@ if [[ "${CHECK:-0}" == 1 && ${#known[@]} -gt 0 ]]; then
   "${check[@]}" || { echo "CHECK=1: the data is incomplete (above); nothing was run" >&2; exit 1; }
 fi
 
-mapfile -t commands < <(pending "$@")
+# one Python start lists the pending runs, after checking every dataset's folder at once
+listing=$(pending "$@") || { echo "nothing was run" >&2; exit 1; }
+commands=()
+[[ -n "$listing" ]] && mapfile -t commands <<< "$listing"
 start_runs "${#commands[@]}"
 failed+=("${unknown[@]}")
 label_of() { local c="${1#cd * && }"; echo "${c#* }"; }   # the command without `cd ROOT && python`

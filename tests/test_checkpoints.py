@@ -74,6 +74,12 @@ def trained(tmp_path_factory, demo_root):
     (lambda c: c | {"classnames": c["classnames"][:1]}, "1 class names for 3 classes"),
     (lambda c: c | {"config": c["config"] | {"lr": "fast"}}, "'lr' expects float"),
     (lambda c: c | {"text": c["text"] * float("nan")}, "a finite D × (classes + 1) text matrix"),
+    # a pool of numbers that are not numbers: every image scored alike, zero-shot's accuracy reported as RAFT's
+    (lambda c: c | {"pool": {k: v * float("nan") for k, v in c["pool"].items()}}, "NaN or infinite"),
+    (lambda c: c | {"pool": {**c["pool"], "c_proj.bias": c["pool"]["c_proj.bias"] + float("inf")}},
+     "'c_proj.bias' holds"),
+    (lambda c: c | {"trunk_batchnorm": {k: v * float("nan") if v.is_floating_point() else v
+                                        for k, v in c["trunk_batchnorm"].items()}}, "BatchNorm statistic"),
 ])
 def test_checkpoints_with_the_usual_keys_but_wrong_values(trained, tmp_path, capsys, damage, fragment):
     root, tmp, folder = trained
@@ -136,3 +142,54 @@ def test_bad_checkpoints(dtd, tmp_path, capsys):
     pickled = tmp_path / "pickled.pt"
     torch.save({"pool": ckpt["pool"], "config": ckpt["config"], "extra": Path("x")}, pickled)
     one_line_error(*evaluate(pickled)[::2], "refusing to load", "pickled Python code")
+
+
+# --------------------------------------------------------------------------- files that declare more than they hold
+@pytest.mark.parametrize("declared", [64 << 20, 512 << 20])
+def test_a_small_file_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, declared):
+    import zipfile
+    from utils import RaftError, torch_load
+    path = tmp_path / "inflated.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            if name.endswith("/data/0"):
+                with archive.open(name, "w", force_zip64=True) as out:
+                    zero = bytes(1 << 20)
+                    for _ in range(declared >> 20):
+                        out.write(zero)
+            else:
+                archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+    assert path.stat().st_size < declared / 100
+    for what in ("checkpoint", "weights file", "resume state"):
+        with pytest.raises(RaftError, match=f"refusing to load {what} .*bytes declare .* in compressed entries"):
+            torch_load(path, what)
+
+
+def test_checkpoints_holding_numpy_scalars_load_and_other_globals_are_named(tmp_path):
+    """MetaCLIP's released checkpoints hold numpy scalars (mlfoundations/open_clip#966): they load;
+    anything else a pickle names is refused, saying what it names."""
+    import collections
+    import datetime
+    import numpy as np
+    from utils import RaftError, torch_load
+    path = tmp_path / "metaclip.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": np.int64(32), "best": np.float64(0.5),
+                "lr": np.float32(1e-4), "flag": np.bool_(True)}, path)
+    loaded = torch_load(path, "weights file")
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["epoch"] == 32 and loaded["best"] == 0.5
+    import zipfile   # as numpy 1 pickled it (MetaCLIP's files): numpy.core.multiarray.scalar
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(tmp_path / "numpy1.pt", "w") as archive:
+        for name, data in entries:
+            archive.writestr(name, data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert torch_load(tmp_path / "numpy1.pt", "weights file")["epoch"] == 32
+    for payload, named in ((collections.OrderedDict(a=np.arange(3)), "numpy._core.multiarray._reconstruct"),
+                           ({"when": datetime.date(2024, 1, 1)}, "datetime.date")):
+        torch.save(payload, tmp_path / "other.pt")
+        with pytest.raises(RaftError, match="needs pickled Python code to load") as info:
+            torch_load(tmp_path / "other.pt", "weights file")
+        assert named in str(info.value)

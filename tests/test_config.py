@@ -137,3 +137,108 @@ def test_bad_config_files(tmp_path, capsys, content, fragments):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(content)
     one_line_error(*cli(["--config", str(cfg)], capsys)[::2], *fragments)
+
+
+# --------------------------------------------------------------------------- YAML the safe loader accepts but a run cannot use
+@pytest.mark.parametrize("text,fragment", [
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
+     for p, c in zip("abcdefgh", "bcdefghi")) + "templates: *i\n", "expands to more than"),   # billion laughs
+    ("shift_sets: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    ("shift_sets: &s {a: *s}\n", "contains itself"),
+    ("templates: &t [*t]\n", "contains itself"),
+    ("batch_size_by_shots: " + "{a: " * 40 + "1" + "}" * 40 + "\n", "nested too deeply"),
+])
+def test_yaml_that_cannot_be_a_config_is_refused_when_read(tmp_path, text, fragment):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("dataset: dtd\ndata_path: x\n" + text)
+    with pytest.raises(RaftError, match=fragment) as info:
+        build_config(path, {})
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_merge_key_and_a_config_from_a_pipe_are_read(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("dataset: dtd\ndata_path: x\n<<: {lr: 2.0e-4, shots: 4}\nshots: 8\n")
+    cfg = build_config(path, {})
+    assert (cfg.lr, cfg.shots) == (2e-4, 8)                   # merged, and the explicit key wins
+    import subprocess
+    import sys
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from run.config import parse_args; "
+             f"cfg, _ = parse_args(['--config', sys.argv[1]], ''); print(cfg.shots, cfg.lr)")
+    done = subprocess.run(["bash", "-c", f'{sys.executable} -c "{probe}" <(printf "dataset: dtd\\ndata_path: x\\n'
+                                         f'shots: 2\\n")'], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["2", "0.0001"], done.stderr
+
+
+@pytest.mark.parametrize("key,written,meant", [
+    ("name", "no", "no"), ("name", "010", "010"), ("name", "off", "off"), ("name", "1e3", "1e3"),
+    ("name", "0x10", "0x10"), ("output_dir", "12:30:00", "12:30:00"), ("data_path", "0755", "0755"),
+    ("device", "yes", "yes"), ("bad_images", "skip", "skip")])
+def test_text_keys_take_the_text_as_written_in_files_and_on_the_command_line(tmp_path, key, written, meant):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: dtd\n" + ("data_path: x\n" if key != "data_path" else "") + f"{key}: {written}\n")
+    if key == "device":
+        with pytest.raises(RaftError):   # read as 'yes', then refused as a device name only when it is used
+            from utils import resolve_device
+            resolve_device(build_config(path, {}, resolve_model=False)[key])
+        return
+    assert build_config(path, {})[key] == meant
+    cfg, _ = parse_args(["--config", str(ROOT / "configs/dtd.yaml"), f"--{key}", written], "t")
+    assert cfg[key] == meant
+
+
+def test_names_in_lists_stay_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: dtd\ndata_path: x\ntemplates:\n  - a photo of a {}.\n  - no {} here\n"
+                    "shift_sets: {no: data/010, 'yes': 0x10}\n")
+    cfg = build_config(path, {})
+    assert cfg.templates == ["a photo of a {}.", "no {} here"] and cfg.shift_sets == {"no": "data/010", "yes": "0x10"}
+
+
+@pytest.mark.parametrize("template", ["{0}", "a {name}.", "{:>300000000}", "{{}}", "{} and {}", "no field", "{"])
+def test_a_template_holds_exactly_one_plain_field(template):
+    with pytest.raises(RaftError, match="templates"):
+        build_config(None, {"dataset": "dtd", "data_path": "x", "templates": [template]})
+
+
+@pytest.mark.parametrize("key", ["data_path", "output_dir", "cache_dir", "descriptions"])
+def test_a_nul_byte_in_a_path_is_one_line(key):
+    with pytest.raises(RaftError, match=f"'{key}' holds a NUL byte"):
+        parse_args(["--config", str(ROOT / "configs/dtd.yaml"), f"--{key}", "out\x00put"], "t")
+
+
+@pytest.mark.parametrize("key", ["data_path", "output_dir", "cache_dir", "descriptions"])
+def test_a_tilde_is_the_home_folder(key, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = parse_args(["--config", str(ROOT / "configs/dtd.yaml"), f"--{key}", "~/runs"], "t")
+    assert cfg[key] == str(tmp_path / "runs")
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: dtd\n" + ("data_path: x\n" if key != "data_path" else "")
+                    + f"{key}: ~/elsewhere\nshift_sets: {{imagenet_v2: ~/v2}}\n")
+    cfg = build_config(path, {})
+    assert cfg[key] == str(tmp_path / "elsewhere") and cfg.shift_sets["imagenet_v2"] == str(tmp_path / "v2")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--lr", "fast"], ["'lr'", "expects float", "--lr"]),
+    (["--batch_size_by_shots", "[1, 2]"], ["'batch_size_by_shots'", "expects dict", "--batch_size_by_shots"]),
+    (["--warmup_epoch", "60"], ["warmup_epoch (60, --warmup_epoch)", "train_epoch (50, config file"]),
+    (["--search_low", "0.9", "--search_high", "0.1"], ["search_low=0.9 (--search_low)", "search_high=0.1 (--search_high)"]),
+    (["--templates", "[a photo]"], ["'templates' (--templates)", "one plain '{}'"]),
+    (["--shift_sets", "[a]"], ["'shift_sets'", "expects dict"]),
+    (["--baselines", "five"], ["'baselines' (--baselines)", "'all' or a list"]),
+])
+def test_every_config_error_names_the_key_where_it_came_from_and_what_is_accepted(args, fragments):
+    with pytest.raises(RaftError) as info:
+        parse_args(["--config", str(ROOT / "configs/dtd.yaml"), *args], "t")
+    assert all(f in str(info.value) for f in fragments), str(info.value)
+
+
+def test_a_config_error_is_reported_before_the_model_library_loads():
+    import subprocess
+    import sys
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main; from utils import run_main; "
+             f"code = run_main(main.main, ['--config', 'configs/dtd.yaml', '--lamda2', '1']); "
+             f"print(code, [m for m in ('torch', 'open_clip', 'timm', 'torchvision') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.split("\n")[-2] == "2 []" and "did you mean 'lambda2'" in done.stderr

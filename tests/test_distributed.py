@@ -263,7 +263,9 @@ def test_sweep_lists_pending_runs_and_spreads_them_over_gpus(tmp_path):
     fake, calls = tmp_path / "fakepy", tmp_path / "calls.txt"
     fake.write_text(FAKE.format(python=sys.executable, log=calls))
     fake.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake))
+    for dataset in ("dtd", "eurosat"):    # their folders (the sweep checks they exist; the fake runs read nothing)
+        (tmp_path / "data" / dataset).mkdir(parents=True)
+    env = dict(os.environ, PYTHON=str(fake), DATA=str(tmp_path / "data"))
     listed = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "--list", "dtd", "4", "1 2 3", "--output_dir",
                              str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr

@@ -1,6 +1,7 @@
 """Errors are one line and leave nothing half-written: full disks, library messages, --debug."""
 import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,43 @@ def test_library_errors_with_empty_or_long_messages_stay_one_line(tmp_path, monk
             raise RuntimeError("")
     with pytest.raises(RaftError, match="does not fit this region pool: RuntimeError"):
         load_pool_state(Pool(), {"pool": {}}, tmp_path / "ck.pt")
+
+
+# --------------------------------------------------------------------------- a signal outside the training loop
+PAUSED = """
+import sys, time
+sys.path.insert(0, {root!r})
+import {module} as where
+real = where.{name}
+def paused(*args, **kwargs):
+    print("paused", flush=True)
+    time.sleep(60)
+    return real(*args, **kwargs)
+where.{name} = paused
+import main
+from utils import run_main
+sys.exit(run_main(main.main, {argv!r}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,module,name,sig", [
+    ("the feature cache", "run.features.caches", "live_batches", signal.SIGTERM),
+    ("the text classifier", "run.model", "text_classifier", signal.SIGINT),
+    ("the baselines", "run.measure", "run_baselines", signal.SIGTERM)])
+def test_every_phase_stops_on_a_signal_in_one_line_and_the_run_goes_on(dtd, tmp_path, capsys, phase, module, name,
+                                                                         sig):
+    argv = args_for(dtd, tmp_path, "--baselines", "[zero_shot]")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED.format(root=str(ROOT), module=module, name=name, argv=argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "paused":
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (phase, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: stopped by {signal.Signals(sig).name}; run the same command") and \
+        "Traceback" not in err, (phase, err)
+    assert not list((tmp_path / "cache").rglob("*.tmp*")) if (tmp_path / "cache").exists() else True
+    assert cli(argv, capsys)[0] == 0                              # the same command goes on and finishes

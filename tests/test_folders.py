@@ -104,3 +104,50 @@ def test_a_resumable_run_on_other_data_says_the_data_changed(dtd, tmp_path, caps
     code, _, err = cli(argv, capsys)
     one_line_error(code, err, "was made on other data", "training images differ")
     assert "sampler" not in err
+
+
+# --------------------------------------------------------------------------- names that would leave the output root
+@pytest.mark.parametrize("name,fragment", [("../x", "path separator"), ("a/b", "path separator"),
+                                           ("..", "'.' or '..'"), (".", "'.' or '..'"),
+                                           ("x" * 300, "longer than the 255 bytes"), ("a\x00b", "NUL")])
+def test_a_run_name_stays_inside_the_output_root(dtd, tmp_path, capsys, name, fragment):
+    args = args_for(dtd, tmp_path)
+    args[args.index("--name") + 1] = name
+    code, _, err = cli(args, capsys)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()   # nothing written, anywhere
+
+
+def test_a_name_from_a_config_file_is_checked_too(dtd, tmp_path, capsys):
+    config = tmp_path / "named.yaml"
+    config.write_text(f"dataset: dtd\ndata_path: {dtd}\nname: ../../escaped\n")
+    args = [a for a in args_for(dtd, tmp_path) if a not in ("--name", "")]
+    code, _, err = cli(["--config", str(config), *args[2:]], capsys)
+    one_line_error(code, err, "path separator")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+# --------------------------------------------------------------------------- one run per folder at a time
+def test_a_folder_belongs_to_one_run_at_a_time(dtd, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+    folder = run_dir(tmp_path)
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(folder / '.lock')!r}, 'a'); "
+                               f"fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = cli(args_for(dtd, tmp_path), capsys)
+        one_line_error(code, err, "another run", "is using", str(folder))
+        assert not (folder / "log.txt").exists() and not (folder / "config.yaml").exists()
+        code, _, err = cli([*args_for(dtd, tmp_path), "--baselines", "[zero_shot]"], capsys,
+                           entry="scripts.run_baselines")
+        one_line_error(code, err, "another run", "is using")
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert cli(args_for(dtd, tmp_path), capsys)[0] == 0         # the lock dies with its process
+    assert cli(args_for(dtd, tmp_path, "--force"), capsys)[0] == 0   # and is released when a run ends

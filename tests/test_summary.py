@@ -96,3 +96,38 @@ def test_plots_and_training_curves(tmp_path, capsys):
     for name in ("summary.png", "summary_curves.png"):
         with Image.open(tmp_path / "sum" / name) as img:
             assert img.format == "PNG" and img.width > 800
+
+
+# --------------------------------------------------------------------------- damaged results among good ones
+def test_damaged_results_files_are_named_and_left_out_the_summary_goes_on(tmp_path, capsys):
+    import json
+    import os
+    from conftest import cli
+    root = tmp_path / "runs"
+    good = {"dataset": "dtd", "backbone": "RN50", "shots": 16, "test_acc": 70.0, "zero_shot_acc": 40.0}
+    for seed in range(1, 201):   # 200 good runs of one cell
+        folder = root / "dtd" / f"RN50_16shots_seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(good | {"seed": seed}))
+    damaged = {
+        "deep": "[" * 100_000 + "]" * 100_000,
+        "accuracy_text": json.dumps(good | {"seed": 1, "test_acc": "high"}),
+        "accuracy_nan": json.dumps(good | {"seed": 1, "test_acc": float("nan")}),
+        "shift_list": json.dumps(good | {"seed": 1, "shift": [1, 2]}),
+        "baseline_without_accuracy": json.dumps(good | {"seed": 1, "baselines": {"zero_shot": {"val_acc": 3}}}),
+        "history_number": json.dumps(good | {"seed": 1, "history": 5}),
+        "latin1": "{\"dataset\": \"d\xe9\"}",
+        "a_list": "[1, 2, 3]",
+    }
+    for name, text in damaged.items():
+        folder = root / "odd" / f"RN50_16shots_seed{name}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_bytes(text.encode("latin-1") if name == "latin1" else text.encode())
+    fifo = root / "odd" / "RN50_16shots_seedfifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "results.json")
+    code, out, err = cli([str(root), "--no-plot", "--out", str(tmp_path / "sum")], capsys, entry="scripts.summarize")
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("skipping ")]
+    assert len(skipped) == len(damaged) + 1 and all("RN50_16shots_seed" in line for line in skipped)
+    assert "Traceback" not in err and "| 16 | 70.00 ± 0.00 |" in out

@@ -105,12 +105,31 @@ def test_sweep_runs_past_failures_lists_them_and_honours_python_and_data(tmp_pat
     fake.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == *pending.py ]]; then exec {sys.executable} \"$@\"; fi\n"
                     f"echo \"$@\" >> {log}\n[[ \"$*\" == *\"--seed 1\"* ]] && exit 2\nexit 0\n")
     fake.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake), DATA="/data/root")
+    for dataset in ("dtd", "eurosat"):    # their folders (the sweep checks they exist; the fake runs read nothing)
+        (tmp_path / "data" / dataset).mkdir(parents=True)
+    env = dict(os.environ, PYTHON=str(fake), DATA=str(tmp_path / "data"))
     proc = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd eurosat", "4", "1 2", "--lr", "2e-4"],
                           env=env, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines()
     assert len(calls) == 4                                               # every run was tried
-    assert all("--data_path /data/root/dtd" in c for c in calls[:2]) and "/data/root/eurosat" in calls[2]
+    assert all(f"--data_path {tmp_path}/data/dtd" in c for c in calls[:2]) and f"{tmp_path}/data/eurosat" in calls[2]
     assert all(c.endswith("--lr 2e-4") for c in calls)
     assert proc.returncode == 1
     assert "2 runs failed" in proc.stderr and "--config configs/dtd.yaml --shots 4 --seed 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_without_data_says_so_once_for_every_dataset_and_runs_nothing(tmp_path):
+    calls = tmp_path / "calls.txt"
+    counting = tmp_path / "python"
+    counting.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\nexec {sys.executable} \"$@\"\n")
+    counting.chmod(0o755)
+    (tmp_path / "data" / "dtd").mkdir(parents=True)          # one of three is there
+    for script in ("sweep.sh", "train_other_datasets.sh"):
+        calls.write_text("")
+        done = subprocess.run(["bash", str(ROOT / "scripts" / script), "dtd eurosat ucf101", "4", "1"],
+                              env=dict(os.environ, PYTHON=str(counting), DATA=str(tmp_path / "data")),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "no data for 2 of 3 dataset(s): eurosat" in done.stderr, done.stderr
+        assert "ucf101" in done.stderr and "scripts/get_files.py" in done.stderr and "check_data.py" in done.stderr
+        assert len(calls.read_text().splitlines()) == 1      # one Python start: the check, no run

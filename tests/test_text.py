@@ -113,3 +113,52 @@ def test_description_files(dtd, tmp_path, capsys):
     code, out, err = cli(args_for(dtd, tmp_path, "--descriptions", str(desc)), capsys)
     assert code == 0, err
     assert "no usable sentences for blue square, green triangle" in out and "using templates" in out
+
+
+# --------------------------------------------------------------------------- what the text window does to sentences
+@pytest.mark.parametrize("names", [["Cat", "cat"], ["dog", "dog "], ["big_cat", "big cat"], ["a-b", "A-B", "x"]])
+def test_classes_whose_prompts_tokenize_the_same_are_refused_naming_them(tiny_clip, names):
+    from clip.text import sentence_report
+    from utils import RaftError
+    sentences = class_sentences(names, ["a photo of a {}."])
+    with pytest.raises(RaftError, match="tokenize the same") as info:
+        sentence_report(tiny_clip, names, sentences)
+    assert all(repr(n) in str(info.value) for n in names[:2])
+
+
+PREAMBLE = " ".join(["this is a long and detailed description of a photograph taken outdoors in daylight"] * 6)
+
+
+def test_descriptions_cut_before_the_class_name_stop_the_run(tiny_clip):
+    from clip.text import sentence_report
+    from utils import RaftError
+    names = ["red circle", "blue square"]
+    cut_early = [[f"{PREAMBLE}, showing a {n}."] * 3 for n in names]      # the names lie past 77 tokens
+    with pytest.raises(RaftError, match="cut at the text encoder's 77 tokens before it names the class"):
+        sentence_report(tiny_clip, names, cut_early)
+
+
+def test_descriptions_cut_after_the_name_are_counted(tiny_clip):
+    from clip.text import sentence_report
+    names = ["red circle", "blue square", "green triangle"]
+    sentences = [[f"a {n}: {PREAMBLE}.", f"a photo of a {n}."] for n in names[:2]] + [["a green triangle."]]
+    report = sentence_report(tiny_clip, names, sentences)
+    assert report == {"context_length": 77, "cut_sentences": 2, "cut_by_class": {"red circle": 1, "blue square": 1}}
+
+
+@pytest.mark.slow
+def test_a_run_records_its_cut_sentences_and_refuses_colliding_classes(dtd, tmp_path, capsys):
+    import json
+    from conftest import args_for, cli, one_line_error, run_dir
+    descriptions = tmp_path / "long.json"
+    descriptions.write_text(json.dumps({n: [f"a {n}: {PREAMBLE}.", f"a {n}."]
+                                        for n in ("red circle", "blue square", "green triangle")}))
+    code, out, err = cli(args_for(dtd, tmp_path, "--descriptions", str(descriptions), "--baselines", "[]"), capsys)
+    assert code == 0, err
+    assert "3 of 6 class sentences are longer than the text encoder's 77 tokens" in out
+    assert json.loads((run_dir(tmp_path) / "results.json").read_text())["text_cut"]["cut_sentences"] == 3
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({n: [f"{PREAMBLE} {PREAMBLE}"] for n in ("red circle", "blue square", "green triangle")}))
+    code, _, err = cli(args_for(dtd, tmp_path, "--descriptions", str(same), "--output_dir", str(tmp_path / "o2")),
+                       capsys)
+    one_line_error(code, err, "tokenize the same", "cut at the window", "'red circle'")

@@ -204,3 +204,56 @@ def test_folder_dataset_with_given_splits(demo_root, tmp_path):
 ])
 def test_every_number_on_a_tools_command_line_has_a_range(entry, args, fragments, capsys):
     one_line_error(*cli(entry, args, capsys)[::2], *fragments)
+
+
+# --------------------------------------------------------------------------- a tool writes only where its output option says
+@pytest.mark.slow
+def test_visualize_never_overwrites_one_output_with_another_nor_writes_elsewhere(trained, demo_root, tmp_path, capsys):
+    source = next((demo_root / "images" / "red_circle").glob("*.jpg"))
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    with Image.open(source) as img:
+        for name in ("photo.jpg", "photo.png", "photo.webp", "other.jpg", "sub/photo.jpg"):
+            img.save(folder / name)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    code, out, err = cli("scripts.visualize", [str(trained), str(folder), "--out", str(tmp_path / "vis")], capsys)
+    assert code == 0, err
+    written = sorted(str(p.relative_to(tmp_path / "vis")) for p in (tmp_path / "vis").rglob("*.png"))
+    assert written == ["other.png", "photo.jpg.png", "photo.png.png", "photo.webp.png", "sub/photo.png"]
+    assert sorted(p for p in tmp_path.rglob("*") if "vis" not in p.parts) == before   # nothing else written
+
+
+@pytest.mark.slow
+def test_visualize_of_a_run_whose_data_is_not_here_generates_nothing(trained, demo_root, tmp_path, capsys):
+    """A demo run started elsewhere: its dataset is not generated again to label the images."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    missing = tmp_path / "elsewhere" / "demo"
+    torch.save(ckpt | {"config": ckpt["config"] | {"data_path": str(missing), "cache_dir": str(tmp_path / "c")}},
+               run / "checkpoint.pt")
+    image = next((demo_root / "images" / "red_circle").glob("*.jpg"))
+    code, _, err = cli("scripts.visualize", [str(run), str(image), "--out", str(tmp_path / "vis")], capsys)
+    assert code == 0, err
+    assert not missing.exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_predict_json_goes_where_it_is_told_and_never_over_an_input(trained, demo_root, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "photo.jpg"
+    shutil.copy(next((demo_root / "images" / "red_circle").glob("*.jpg")), image)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("scripts.predict", [str(trained), str(image), "--json", "preds/p.json"], capsys)
+    assert code == 0 and (tmp_path / "preds" / "p.json").is_file(), err
+    for target in (str(image), str(tmp_path), str(trained / "results.json")):
+        code, _, err = cli("scripts.predict", [str(trained), str(image), "--json", target], capsys)
+        assert code == 2 and "--json" in err and "give a file of its own" in err
+    assert image.stat().st_size > 100
+
+
+def test_a_near_uniform_map_is_drawn_at_mid_scale_not_at_its_top():
+    from scripts.visualize import colour_top
+    uniform = {k: torch.full((7, 7), 1 / 49) for k in ("class", "background", "clip")}
+    assert colour_top(uniform) == pytest.approx(2 / 49)          # every cell at half the scale
+    peaked = dict(uniform, clip=torch.zeros(7, 7).index_fill_(0, torch.tensor([0]), 1 / 7))
+    assert colour_top(peaked) == pytest.approx(1 / 7) and colour_top(peaked, 0.5) == 0.5

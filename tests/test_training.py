@@ -160,3 +160,43 @@ def test_killed_at_random_moments_every_rerun_ends_with_the_uninterrupted_result
     assert kills >= 3
     assert log.read_text().count("resuming from") >= 2
     assert results_of(tmp_path)[0] == expected
+
+
+# --------------------------------------------------------------------------- resume states that do not fit the run
+RESUME_DAMAGE = {
+    "an epoch past the run's": (lambda s: s["progress"].update(epoch=99), "its epoch 99"),
+    "an epoch before the first": (lambda s: s["progress"].update(epoch=0), "its epoch 0"),
+    "a position past the epoch": (lambda s: s["progress"].update(position=7), "its position 7"),
+    "a step count that disagrees": (lambda s: s["progress"].update(step=1), "its step 1"),
+    "a history of other epochs": (lambda s: s["progress"].update(history=[]), "its history has 0 rows"),
+    "sums of other terms": (lambda s: s["progress"].update(sums={"loss": 1.0}), "loss sums"),
+    "a NaN sum": (lambda s: s["progress"]["sums"].update(cls=float("nan")), "loss sums"),
+    "a pool of another shape": (lambda s: s["pool"].update(positional_embedding=torch.zeros(3, 3)), "does not fit"),
+    "a NaN pool": (lambda s: s["pool"].update({k: v * float("nan") for k, v in s["pool"].items()}), "NaN or infinite"),
+    "an optimiser of another shape": (lambda s: next(iter(s["optimizer"]["state"].values())).update(
+        exp_avg=torch.zeros(1)), "the optimiser's 'exp_avg' has shape"),
+    "an RNG state of the wrong size": (lambda s: s.update(torch_rng=torch.zeros(3, dtype=torch.uint8)), "does not fit"),
+    "a data order of another length": (lambda s: s["source"].update(order=torch.arange(5)), "data order"),
+}
+
+
+@pytest.mark.slow
+def test_a_resume_state_that_does_not_fit_the_run_is_refused_and_nothing_is_reported(dtd, tmp_path, capsys,
+                                                                                      monkeypatch):
+    poison_loss_at(monkeypatch, 5)                                  # epoch 3, step 4: a state saved at epoch 3
+    code, _, err = cli(args_for(dtd, tmp_path, "--save_every", "0"), capsys)
+    monkeypatch.undo()
+    good = torch.load(run_dir(tmp_path) / "resume.pt", weights_only=True)
+    failed = []
+    for kind, (damage, fragment) in RESUME_DAMAGE.items():
+        import copy
+        state = copy.deepcopy(good)
+        damage(state)
+        torch.save(state, run_dir(tmp_path) / "resume.pt")
+        code, _, err = cli(args_for(dtd, tmp_path, "--save_every", "0"), capsys)
+        if not (code == 2 and err.count("\n") == 1 and "does not fit this run" in err and fragment in err
+                and "--force" in err and not (run_dir(tmp_path) / "results.json").exists()):
+            failed.append((kind, code, err))
+    assert not failed, failed
+    torch.save(good, run_dir(tmp_path) / "resume.pt")              # the state itself resumes
+    assert cli(args_for(dtd, tmp_path, "--save_every", "0"), capsys)[0] == 0

@@ -41,15 +41,23 @@ def share_rounding(clip, batch_sizes: list[int], size: int, device: torch.device
     for whole in sorted(set(batch_sizes)):
         images = torch.randn(whole, 3, clip.image_size, clip.image_size, generator=gen).to(device)
         with autocast(device, amp):
-            reference, _ = clip.encode_image(images)
+            whole_batch, _ = clip.encode_image(images)
             for rank in range(size):
                 part = World(rank, size).shard(whole)
                 if part.stop > part.start:
                     shares.add(part.stop - part.start)
                     fmap, _ = encode_share(clip, images[part], whole)
-                    worst = max(worst, (fmap.float() - reference[part].float()).abs().max().item())
+                    worst = max(worst, (fmap.float() - whole_batch[part].float()).abs().max().item())
     return {"share_sizes": sorted(shares), "global_batches": sorted(set(batch_sizes)), "max_difference": worst,
             "exact": worst == 0.0}
+
+
+def checked_order(order, n: int) -> torch.Tensor | None:
+    """A saved epoch's data order: None (before the first epoch) or an order of the run's n images."""
+    if order is not None and (not isinstance(order, torch.Tensor) or order.dim() != 1
+                              or not torch.equal(order.sort().values, torch.arange(n))):
+        raise ValueError(f"its data order is not an order of the run's {n} training images")
+    return order
 
 
 class LiveSource:
@@ -90,7 +98,7 @@ class LiveSource:
         self.order_gen.set_state(state["order_gen"])
         self.aug_gen.set_state(state["aug_gen"])
         self.aug_state = None
-        self.order = state["order"]
+        self.order = checked_order(state["order"], len(self.labels))
 
     def whole_batch(self, fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor):
         """``dist_exact``: the global batch, in every process — the processes' trunk outputs (each
@@ -178,7 +186,7 @@ class ViewSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.order_gen.set_state(state["order_gen"])
-        self.order = state["order"]
+        self.order = checked_order(state["order"], self.n)
 
     @staticmethod
     def whole_batch(fmap: torch.Tensor, v0: torch.Tensor, labels: torch.Tensor):

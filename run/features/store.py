@@ -39,7 +39,7 @@ def file_stamps(items: list[Datum]) -> list:
         try:
             st = os.stat(d.path)
             out.append((d.path, d.label, st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:
+        except OSError:   # missing, a symlink loop, ...: read (and failed or skipped) when the store is built
             out.append((d.path, d.label, None, None))
     return out
 

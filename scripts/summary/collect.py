@@ -8,13 +8,14 @@ in a cell is reported.
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from run.config import CONFIG_DIR, NAMED_KEYS, NOT_TRAINING_KEYS, file_values
+from utils import RaftError, printable, read_json
 
 PROTOCOLS = ("fewshot", "base2new", "transfer", "methods")
 
@@ -25,13 +26,49 @@ def group_of(run_dir: Path) -> str:
 
 
 def read_record(path: Path) -> dict | None:
+    """A results file as its dict, or None (said on stderr, by name) when it is damaged: not a
+    bounded UTF-8 JSON file, or one of the fields a table reads missing or of the wrong kind."""
     try:
-        r = json.loads(path.read_text(encoding="utf-8"))
-        float(r["test_acc"]), float(r["zero_shot_acc"]), int(r["shots"]), r["dataset"], r["backbone"]
-        return r
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        print(f"skipping {path}: not a RAFT results file ({type(exc).__name__})", file=sys.stderr)
+        r = read_json(path, "results file")
+        problem = record_problem(r)
+    except RaftError as exc:
+        problem = str(exc)
+    if problem:
+        print(f"skipping {printable(path)}: {problem}", file=sys.stderr)
         return None
+    return r
+
+
+def accuracy(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        0 <= value <= 100
+
+
+def record_problem(r) -> str | None:
+    """What makes a results file unusable for the tables (None: nothing)."""
+    if not isinstance(r, dict):
+        return "not a RAFT results file (not a JSON object)"
+    checks = [("test_acc", accuracy(r.get("test_acc"))), ("zero_shot_acc", accuracy(r.get("zero_shot_acc"))),
+              ("shots", isinstance(r.get("shots"), int) and not isinstance(r.get("shots"), bool)),
+              ("dataset", isinstance(r.get("dataset"), str)), ("backbone", isinstance(r.get("backbone"), str)),
+              ("seed", isinstance(r.get("seed"), (int, str)))]
+    for key in ("config", "text_source", "split", "shift", "baselines", "base2new"):
+        if r.get(key) is not None and not isinstance(r[key], dict):
+            return f"'{key}' is not a mapping: not a RAFT results file of this form"
+    checks.append(("history", r.get("history") is None or isinstance(r["history"], list)))
+    for name, part in (r.get("shift") or {}).items():
+        checks.append((f"shift.{name}", isinstance(part, dict) and accuracy(part.get("test_acc"))
+                       and accuracy(part.get("zero_shot_acc"))))
+    for name, part in (r.get("baselines") or {}).items():
+        checks.append((f"baselines.{name}", isinstance(part, dict) and accuracy(part.get("test_acc"))))
+    if r.get("protocol") == "base2new":
+        parts = r.get("base2new") or {}
+        checks += [(f"base2new.{p}", isinstance(parts.get(p), dict) and accuracy(parts[p].get("test_acc"))
+                    and accuracy(parts[p].get("zero_shot_acc"))) for p in ("base", "new")]
+    source = r.get("text_source") or {}
+    checks.append(("text_source", source.get("kind") != "descriptions" or isinstance(source.get("git_blob"), str)))
+    bad = [key for key, ok in checks if not ok]
+    return f"'{bad[0]}' is missing or of the wrong kind: not a RAFT results file of this form" if bad else None
 
 
 def data_id(r: dict) -> str:
@@ -76,13 +113,13 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
     for path in sorted(root.rglob("baselines.json")):   # scripts/run_baselines.py, where RAFT has not run (yet)
         if not (path.parent / "results.json").is_file():
             try:
-                b = json.loads(path.read_text(encoding="utf-8"))
+                b = read_json(path, "baselines file")
                 if b.get("protocol", "fewshot") == "fewshot":
                     base = {"dataset": b["dataset"], "shots": int(b["shots"]), "seed": b["seed"], "data": data_id(b),
                             "classes": b.get("num_classes"), "text": text_label(b), "folder": str(path.parent)}
                     groups[group_of(path.parent)]["methods"].append(method_row(b, base, None))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                print(f"skipping {path}: not a baselines file", file=sys.stderr)
+            except (RaftError, AttributeError, KeyError, TypeError, ValueError):
+                print(f"skipping {printable(path)}: not a baselines file", file=sys.stderr)
     for path in sorted(root.rglob("results.json")):
         r = read_record(path)
         if r is None:
