@@ -349,6 +349,7 @@ def text_tokens(backbone: str) -> str:
         return "the model's own"
     except RaftError as exc:
         clip_backbone.tokenizer_for = lambda name, weights=None: StandInTokenizer(name)
+        clip_weights.tokenizer_packages = lambda name: []   # the stand-in needs no package
         return f"a stand-in (same context length and vocabulary): {exc}"
 
 

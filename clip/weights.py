@@ -334,6 +334,17 @@ def read_state_dict(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- the text side's tokenizer
+def tokenizer_packages(backbone: str) -> list[str]:
+    """The optional packages the model's tokenizer needs that are not installed: Hugging Face's
+    tokenizers (SigLIP, SigLIP2: ``transformers``, and ``sentencepiece`` for their vocabularies).
+    open_clip's own tokenizer needs none; this project's tiny configs use it whatever their names."""
+    hub = ((open_clip.get_model_config(backbone) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    if not hub or (MODEL_CONFIG_DIR / f"{backbone}.json").is_file():
+        return []
+    import importlib.util
+    return [name for name in ("transformers", "sentencepiece") if importlib.util.find_spec(name) is None]
+
+
 def tokenizer_for(backbone: str, weights: str | None = None):
     """open_clip's tokenizer for the model (SigLIP's come from Hugging Face and need the
     ``transformers`` package and its files). This project's tiny configs are random models

@@ -117,6 +117,8 @@ def check_coop(dataset: str, folder: Path, expected_classes: int | None, sample:
         report.problem(f"the split lists {data.num_classes} classes, {dataset} has {expected_classes}"
                        + (f" ({' or '.join(same)} has {data.num_classes}: their split file?)" if same else ""), "error")
     missing_images(report, {"train": data.train, "val": data.val, "test": data.test}, data.image_root or folder)
+    if any(s["missing"] for s in report.splits.values()):
+        report.problems.append(f"{WHERE_FROM} ({dataset})")
     open_images(report, data.train + data.val + data.test, sample)
     return report
 
@@ -149,11 +151,31 @@ def check_imagenet(folder: Path, sample: int | None) -> Report:
     return report
 
 
+WHERE_FROM = "doc/datasets.md says where its images come from and how to lay them out"
+
+
+def check_folder(folder: Path, sample: int | None, fractions: list[float], seed: int) -> Report:
+    """Your own images (``dataset: folder``), anywhere: the class folders, the split drawn (or
+    given as train/ val/ test/), a sample of the images decoded. Nothing is written."""
+    from .folder import read_folder_dataset
+    report = Report(f"folder {printable(folder.name)}", folder, layout="class folders")
+    try:
+        data = read_folder_dataset(folder, fractions, seed, None)
+    except RaftError as exc:
+        report.problem(str(exc), "error")
+        return report
+    report.classes = str(data.num_classes)
+    report.splits = {split: {"listed": len(items), "missing": 0, "first_missing": []}
+                     for split, items in (("train", data.train), ("val", data.val), ("test", data.test))}
+    open_images(report, data.train + data.val + data.test, sample)
+    return report
+
+
 def check_dataset(dataset: str, folder: Path, expected_classes: int | None, sample: int | None,
                   classes_of: dict[str, int]) -> Report:
     if not folder.is_dir():
         report = Report(dataset, folder)
-        report.problem(f"folder {printable(folder)} does not exist", "missing")
+        report.problem(f"folder {printable(folder)} does not exist ({WHERE_FROM})", "missing")
         return report
     if dataset == "imagenet":
         return check_imagenet(folder, sample)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from utils import RaftError, atomic_write, printable, unreachable
 from .published import RAW_URL, PublishedFile, file_blob_id, git_blob_id
 
 TIMEOUT = 10.0          # seconds without an answer before a server counts as unreachable
+MIN_RATE = 16 << 10     # bytes per second: a download slower than this on the whole stops (a trickling server)
+UNPINNED_LIMIT = 64 << 20   # bytes: a file whose size is not pinned
 CHUNK = 1 << 16
 PROGRESS_BYTES = 1 << 20   # files larger than this show a progress bar
 
@@ -41,27 +44,40 @@ def reach(base_url: str, timeout: float = TIMEOUT) -> None:
     reason = unreachable(base_url.rstrip("/") + "/", timeout)
     if reason is not None:
         raise RaftError(f"cannot reach {base_url} ({reason}): offline, or behind a proxy that needs HTTPS_PROXY? "
-                        f"doc/datasets.md lists the files and their ids for a download by hand")
+                        f"datasets/published.py lists the files, their paths in the published repository and their "
+                        f"git blob ids, for a download by hand")
 
 
 def download(url: str, target: Path, expected: PublishedFile, timeout: float = TIMEOUT) -> None:
     """``url`` into ``target``, atomically (``utils.atomic_write``), if and only if its content has
     the pinned blob id: a mismatch raises inside the write, which leaves nothing behind."""
+    start = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(target.parent, os.W_OK):
         raise RaftError(f"cannot write into {printable(target.parent)} (read-only): choose another --data_root")
+
+    # the pinned size bounds what is read, and the whole download's time (the timeout is per read:
+    # a server sending a byte every few seconds would never trigger it)
+    size = expected.size or UNPINNED_LIMIT
+    deadline = time.monotonic() + 3 * timeout + size / MIN_RATE
 
     def write(out) -> None:
         data = bytearray()
         try:
             with urllib.request.urlopen(url, timeout=timeout) as answer:
-                total = int(answer.headers.get("Content-Length") or 0) or expected.size
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False,
-                           disable=None if (total or 0) > PROGRESS_BYTES else True)
+                bar = tqdm(total=size, unit="B", unit_scale=True, desc=target.name, leave=False,
+                           disable=None if size > PROGRESS_BYTES else True)
                 with bar:
-                    while block := answer.read(CHUNK):
-                        out.write(block)
+                    while block := answer.read1(min(CHUNK, size + 1 - len(data))):   # what has come: the clock is read
                         data += block
+                        if len(data) > size:
+                            raise RaftError(f"{url}: the answer is longer than the {size:,} bytes pinned for it: "
+                                            f"refused, nothing written")
+                        if time.monotonic() > deadline:
+                            raise RaftError(f"{url}: {len(data):,} of {size:,} bytes after "
+                                            f"{deadline - start:.0f}s (slower than {MIN_RATE >> 10} KiB/s): stopped, "
+                                            f"nothing written")
+                        out.write(block)
                         bar.update(len(block))
         except urllib.error.HTTPError as exc:
             raise RaftError(f"{url}: HTTP {exc.code} {exc.reason}") from None
@@ -69,9 +85,9 @@ def download(url: str, target: Path, expected: PublishedFile, timeout: float = T
             raise RaftError(f"{url}: {getattr(exc, 'reason', exc)}") from None
         got = git_blob_id(bytes(data))
         if got != expected.git_blob:
-            size = f"{len(data)} bytes" + (f", {expected.size} expected" if expected.size else "")
-            raise RaftError(f"{url}: the content's git blob id is {got}, the pinned one {expected.git_blob} ({size}): "
-                            f"refused, nothing written")
+            got_size = f"{len(data)} bytes" + (f", {expected.size} expected" if expected.size else "")
+            raise RaftError(f"{url}: the content's git blob id is {got}, the pinned one {expected.git_blob} "
+                            f"({got_size}): refused, nothing written")
 
     try:
         atomic_write(target, write)

@@ -45,10 +45,11 @@ def few_shot(train: list[Datum], shots: int, seed: int, num_classes: int) -> lis
 
 
 def validation_from_train(train: list[Datum], per_class: int, seed: int, classnames: list[str],
-                          taken: set[str]) -> list[Datum]:
-    """A validation set for datasets without one: ``per_class`` train images per class that are
-    not in the few-shot set, drawn without replacement (a class with fewer gives all it has:
-    a repeated image would count twice in the choice of alpha)."""
+                          taken: set[str], pool_name: str = "training images outside the few-shot set") -> list[Datum]:
+    """A validation set drawn from ``train`` (for datasets without one: the train images not in
+    the few-shot set; for CoOp's few-shot validation: the val split): ``per_class`` images per
+    class, without replacement (a class with fewer gives all it has: a repeated image would count
+    twice in the choice of alpha)."""
     rng = random.Random(f"val:{seed}")
     by_class: dict[int, list[Datum]] = {}
     for d in train:
@@ -58,9 +59,9 @@ def validation_from_train(train: list[Datum], per_class: int, seed: int, classna
     for label, name in enumerate(classnames):
         pool = by_class.get(label, [])
         if not pool:
-            raise RaftError(f"the validation draw failed: class '{name}' has no training images outside the "
-                            f"few-shot set (val_per_class={per_class}); give the dataset a val split "
-                            f"(a val/ folder), lower shots, or set val_per_class: 0 and a fixed alpha")
+            raise RaftError(f"the validation draw failed: class '{name}' has no {pool_name} ({per_class} per class "
+                            f"wanted); give the dataset a val split (a val/ folder), lower shots, or set "
+                            f"val_source: none and a fixed alpha")
         out.extend(rng.sample(pool, min(per_class, len(pool))))
     return out
 

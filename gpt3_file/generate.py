@@ -18,6 +18,7 @@ Requires ``pip install openai`` (an optional dependency, only this script uses i
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import socket
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clip.text import load_descriptions  # noqa: E402
-from utils import RaftError, ToolParser, bounded, run_main, write_json  # noqa: E402
+from utils import RaftError, ToolParser, bounded, check_template, read_text, run_main, write_json  # noqa: E402
 
 DEFAULT_QUESTION = "What does a {} look like?"
 INSTRUCTION = ("Answer with {k} different one-sentence descriptions of its visual appearance, one per line, "
@@ -53,8 +54,8 @@ def class_names(args) -> tuple[str, list[str]]:
     """(output name, class names) from --classes, --classnames or --config."""
     if args.classes:
         return args.name, list(args.classes)
-    if args.classnames:
-        lines = [ln.strip() for ln in Path(args.classnames).read_text().splitlines() if ln.strip()]
+    if args.classnames:   # the project's one text reader: UTF-8, bounded, a regular file
+        lines = [ln.strip() for ln in read_text(args.classnames, "class names file").splitlines() if ln.strip()]
         return args.name, lines
     from run.config import build_config
     cfg = build_config(args.config, {"data_path": args.data_path} if args.data_path else {})
@@ -70,6 +71,40 @@ def class_names(args) -> tuple[str, list[str]]:
 
 
 CONNECT_TIMEOUT = 5.0   # seconds to open a connection before the endpoint counts as silent
+ANSWER_LIMIT = 1 << 20  # bytes: an answer of a few sentences is kilobytes; a longer one is cut off as an error
+
+
+def bounded_transport(httpx, seconds: float, limit: int = ANSWER_LIMIT):
+    """An httpx transport whose every answer is read within ``seconds`` (in all: a server that
+    sends a byte every few seconds never trips a per-read timeout) and up to ``limit`` bytes (an
+    answer that never ends is not read into memory): past either, the read fails, and the
+    client's retries and this script's one-line error take over. ``httpx``: the HTTP library the
+    openai client is built on (httpx, or its successor)."""
+
+    class Limited(httpx.SyncByteStream):
+        def __init__(self, inner, deadline: float):
+            self.inner, self.deadline = inner, deadline
+
+        def __iter__(self):
+            total = 0
+            for chunk in self.inner:
+                total += len(chunk)
+                if total > limit:
+                    raise httpx.ReadError(f"the answer is longer than {limit:,} bytes")
+                if time.monotonic() > self.deadline:
+                    raise httpx.ReadTimeout(f"the answer took longer than {seconds:g}s")
+                yield chunk
+
+        def close(self):
+            self.inner.close()
+
+    class Bounded(httpx.HTTPTransport):
+        def handle_request(self, request):
+            response = super().handle_request(request)
+            response.stream = Limited(response.stream, time.monotonic() + seconds)
+            return response
+
+    return Bounded()
 
 
 def reachable(base_url: str, timeout: float) -> None:
@@ -102,8 +137,11 @@ class Asker:
             raise RaftError("gpt3_file/generate.py needs the openai package: pip install openai") from None
         self.openai = openai
         self.key = api_key
+        httpx = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
         self.client = openai.OpenAI(api_key=api_key, base_url=args.base_url, max_retries=args.max_retries,
-                                    timeout=args.timeout)
+                                    timeout=args.timeout,
+                                    http_client=openai.DefaultHttpxClient(transport=bounded_transport(httpx, args.timeout),
+                                                                          timeout=args.timeout))
         reachable(str(self.client.base_url), min(args.timeout, CONNECT_TIMEOUT))
         self.model, self.temperature = args.model, args.temperature
         self.malformed_retries, self.delay = args.max_retries, args.retry_delay
@@ -132,8 +170,8 @@ class Asker:
                     raise RaftError(f"the endpoint refused the request ({exc.status_code}): "
                                     f"{self.scrub(str(exc))[:300]}") from None
                 problem = f"HTTP {exc.status_code} after the client's retries"
-            except self.openai.APIConnectionError as exc:
-                problem = f"no connection ({self.scrub(str(exc))[:200]}) after the client's retries"
+            except self.openai.APIConnectionError as exc:   # its cause says what happened (a bound, a refusal)
+                problem = f"no answer ({self.scrub(str(exc.__cause__ or exc))[:200]}) after the client's retries"
             except (AttributeError, IndexError, KeyError, TypeError, ValueError, self.openai.APIError) as exc:
                 problem = f"an unparseable answer ({type(exc).__name__})"
             if attempt < self.malformed_retries:
@@ -182,14 +220,15 @@ def main(argv: list[str] | None = None):
                         help="retries of a request that timed out, was rate-limited (429) or failed (5xx)")
     parser.add_argument("--retry-delay", type=bounded(float, 0, 600), default=2.0,
                         help="first back-off for malformed answers (s)")
-    parser.add_argument("--timeout", type=bounded(float, 0.1, 3_600), default=60.0, help="seconds per request")
+    parser.add_argument("--timeout", type=bounded(float, 0.1, 3_600), default=60.0,
+                        help="seconds a request may take in all, its answer read to the end")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise RaftError("--n must be at least 1")
     questions = args.question or [DEFAULT_QUESTION]
-    if not all("{}" in q for q in questions):
-        raise RaftError("every --question must contain '{}' for the class name")
+    for question in questions:
+        check_template(question, "--question")
     name, classes = class_names(args)
     if not name and not args.out:
         raise RaftError("give --name (or --out) for the output file")

@@ -116,6 +116,12 @@ SCHEMA: dict[str, Key] = {
                                     "images per class drawn from train images outside the few-shot set (0: use "
                                     "the fixed `alpha`)", "protocol", "evaluation", False, *span(0, 100_000),
                          adopted=True),
+    "val_source": Key((str,), "split", "what every choice on validation data (RAFT's alpha, each method's "
+                                       "hyper-parameters) is made on: 'split' (the whole val split, as the published "
+                                       "RAFT code; datasets without one: val_per_class drawn from train), 'fewshot' "
+                                       "(CoOp's few-shot validation: min(shots, 4) per class, drawn from the seed) "
+                                       "or 'none' (the methods' validation-free rules; RAFT needs a fixed `alpha`)",
+                      "protocol", "evaluation", choices=("split", "fewshot", "none"), named=True, adopted=True),
     # ---- optimisation
     "lr": Key((float,), 1e-4, "AdamW learning rate", "optimisation", check=span(0, 10, True)[0],
               rule=span(0, 10, True)[1]),
@@ -171,6 +177,11 @@ SCHEMA: dict[str, Key] = {
                        rule=span(0, 1_000, True, "each grid point scores every val and test image")[1]),
     "alpha": Key((float,), None, "fixed blending weight in [0, 1]; null = choose on validation data", "evaluation",
                  "evaluation", True, *span(0, 1)),
+    "alpha_on": Key((str,), "val", "where alpha is chosen: 'val' (validation data: the reported protocol) or 'test' "
+                                   "(the published code's ImageNet protocol, whose 'val' loader is the test split: "
+                                   "an oracle, for comparison with it only; recorded and marked in every table; "
+                                   "refused where the alpha feeds other numbers: base2new, shift sets, transfers)",
+                    "evaluation", "evaluation", choices=("val", "test"), named=True),
     "shift_sets": Key((dict,), {}, "ImageNet only: distribution-shift test sets {name: path} (imagenet_v2, "
                                    "imagenet_sketch, imagenet_a, imagenet_r)", "evaluation", "evaluation",
                       items="text"),
@@ -552,6 +563,14 @@ def cross_check(values: dict, given: dict, overrides: dict) -> None:
         raise RaftError(f"config key 'shift_sets' ({given['shift_sets']}) must map names to folders, e.g. "
                         f"{{imagenet_v2: data/imagenetv2}}")
     values["shift_sets"] = {k: checked_path("shift_sets", v, given["shift_sets"]) for k, v in shifts.items()}
+    if values["alpha_on"] == "test" and (values["protocol"] != "fewshot" or values["shift_sets"]):
+        leaks = "protocol base2new scores new classes" if values["protocol"] != "fewshot" else \
+            "shift_sets score ImageNet's variants"
+        raise RaftError(f"alpha_on: test ({given['alpha_on']}) chooses alpha on the test labels it is scored on; here "
+                        f"{leaks} at that alpha, a choice made with test labels reported as a result: use alpha_on val")
+    if values["val_source"] == "none" and values["alpha"] is None and values["alpha_on"] == "val":
+        raise RaftError(f"val_source: none ({given['val_source']}) leaves nothing to choose RAFT's alpha on: set a fixed "
+                        f"--alpha (the methods follow their validation-free rules)")
     methods = values["baselines"]
     if isinstance(methods, str) and methods != ALL:
         raise RaftError(f"config key 'baselines' ({given['baselines']}) must be 'all' or a list of methods, got "
@@ -569,8 +588,12 @@ def resolve(values: dict) -> None:
     from baselines import METHODS
     from clip.backbone import backbone_family
     from clip.published import numerics_of
-    from clip.weights import recorded_quick_gelu
+    from clip.weights import recorded_quick_gelu, tokenizer_packages
     family = backbone_family(values["backbone"])
+    missing = tokenizer_packages(values["backbone"])
+    if missing:
+        raise RaftError(f"{values['backbone']}'s tokenizer comes from Hugging Face and needs {' and '.join(missing)}, "
+                        f"not installed: pip install -r requirements-optional.txt (doc/weights.md)")
     if values["quick_gelu"] is None:
         values["quick_gelu"] = recorded_quick_gelu(values["backbone"], values["weights"])
     numerics_of(values["pool_precision"]).check(values | {"family": family})

@@ -109,6 +109,8 @@ def evaluate(val: SplitLogits | None, test: SplitLogits, cfg: Config,
     val_curve = accuracy_curve(val.cls, val.clip, val.labels, alphas, device) if val is not None else None
     if cfg.alpha is not None:
         alpha, source = cfg.alpha, "config"
+    elif cfg.get("alpha_on") == "test":   # the published ImageNet protocol: an oracle, for comparison only
+        alpha, source = choose_alpha(alphas, accuracy_curve(test.cls, test.clip, test.labels, alphas, device)), "test"
     elif val_curve is not None:
         alpha, source = choose_alpha(alphas, val_curve), "val"
     else:
@@ -239,7 +241,11 @@ def source_alpha(ctx: RunContext) -> tuple[float, str]:
     if not source_results.is_file():
         raise RaftError(f"{source_results} is missing: the source run's alpha is unknown "
                         f"(finish that run first, or pass a fixed --alpha)")
-    return float(read_results(source_results)["alpha"]), f"the source run, {source_results}"
+    source = read_results(source_results)
+    if source.get("alpha_source") == "test":
+        raise RaftError(f"{source_results} chose its alpha on its own test labels (alpha_on: test): a transfer at that "
+                        f"alpha would report a choice made with test labels; transfer a run with alpha_on: val")
+    return float(source["alpha"]), f"the source run, {source_results}"
 
 
 def evaluate_run(ctx: RunContext, model: Model) -> dict:

@@ -61,10 +61,15 @@ def run_tag(cfg: Config, flags: argparse.Namespace) -> str:
 
 
 def run_name(cfg: Config) -> str:
+    """<backbone>_<shots>shots_seed<seed>, then what makes its numbers another protocol's: cached
+    views, base-to-new, another validation, alpha on test; then the tag."""
     views = f"_views{cfg.train_views}" if cfg.train_views else ""  # cached views: not the paper's protocol
     protocol = "" if cfg.protocol == "fewshot" else f"_{cfg.protocol}"
+    validation = "" if cfg.get("val_source", "split") == "split" else f"_val-{cfg.val_source}"
+    oracle = "_alpha-on-test" if cfg.get("alpha_on", "val") == "test" else ""
     tag = f"_{cfg.name}" if cfg.name else ""
-    return check_component(f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{tag}", "the run's name")
+    return check_component(f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{validation}{oracle}{tag}",
+                           "the run's name")
 
 
 def run_dir_of(cfg: Config, dataset: str) -> Path:

@@ -17,6 +17,13 @@ from run.model import text_source
 from utils import write_json
 
 
+def validation_record(cfg, evaluation: dict) -> dict:
+    """What every choice of the run was made on: the validation rule, its images, and where alpha
+    was chosen (summarize never averages runs whose validation differs)."""
+    return {"source": cfg.val_source, "images": evaluation["sizes"]["val"], "alpha_on": cfg.alpha_on,
+            "per_class": min(cfg.shots, 4) if cfg.val_source == "fewshot" else None}
+
+
 def pool_record(ctx: RunContext, model: Model, trained: Trained) -> dict:
     """The pool's precision, and per tensor the share of entries training never moved from
     their initial values (a fresh pool: the copy of CLIP's) -- float16 updates can round away;
@@ -35,6 +42,7 @@ def write_results(ctx: RunContext, model: Model, trained: Trained, evaluation: d
         "seed": cfg.seed, "num_classes": data.num_classes, "name": cfg.name or None,
         "sizes": evaluation["sizes"],
         "val_source": evaluation["val_source"],
+        "validation": validation_record(cfg, evaluation),
         "text_source": text_source(cfg, data), "lr_schedule": "published",
         **({"text_cut": model.text_report} if model.text_report and model.text_report["cut_sentences"] else {}),
         **({"imported_from": plan.ckpt["imported_from"]} if plan.ckpt and "imported_from" in plan.ckpt else {}),
@@ -78,9 +86,16 @@ def write_results(ctx: RunContext, model: Model, trained: Trained, evaluation: d
                   results["base2new"]["base"]["test_acc"], results["base2new"]["new"]["test_acc"],
                   results["test_acc"], results["zero_shot_acc"]))
     print(f"\n{what} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}{' base-to-new' if 'base2new' in results else ''}: "
-          f"{scores} (alpha {results['alpha']:.2f} from {results['alpha_source']}){description_note(results, data.name)}; "
+          f"{scores} ({alpha_note(results)}){description_note(results, data.name)}; "
           f"results in {plan.results_path}")
     return results
+
+
+def alpha_note(results: dict) -> str:
+    """Where the reported alpha came from, as the summary line says it."""
+    if results["alpha_source"] == "test":
+        return f"alpha {results['alpha']:.2f} chosen on the test labels, alpha_on: test: an oracle, for comparison only"
+    return f"alpha {results['alpha']:.2f} from {results['alpha_source']}"
 
 
 def write_baselines(ctx: RunContext, evaluation: dict, baselines: dict) -> dict:
@@ -89,6 +104,7 @@ def write_baselines(ctx: RunContext, evaluation: dict, baselines: dict) -> dict:
     results = {"dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
                "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": data.num_classes,
                "sizes": evaluation["sizes"], "val_source": evaluation["val_source"],
+               "validation": validation_record(cfg, evaluation),
                "baselines": baselines["methods"], "baselines_seconds": baselines["seconds"], "device": str(ctx.device),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": ctx.clock.phases}
     if WORLD.main:

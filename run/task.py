@@ -55,14 +55,38 @@ def sample_images(ctx: RunContext) -> ImageSets:
     check_shots(cfg.shots, data)
     train = in_classes(few_shot(data.train, cfg.shots, cfg.seed, data.num_classes), task.train)
     check_same_sample(ctx, train)
-    val, source = in_classes(data.val, task.train), "split"
-    if not val and cfg.val_per_class > 0:
-        val = validation_from_train(in_classes(data.train, task.train), cfg.val_per_class, cfg.seed,
-                                    task.train.classnames, {d.path for d in train})
-        source = "train images outside the few-shot set"
+    val, source = validation(ctx, train)
     ctx.log.info(f"{data.name}: {task.train.num_classes} classes trained, few-shot train {len(train)} "
-                  f"({cfg.shots} shots), val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
+                 f"({cfg.shots} shots), val {len(val)} ({source if val else 'none'}), test {len(data.test)}")
     return ImageSets(train, val, source if val else None)
+
+
+FROM_TRAIN = "train images outside the few-shot set"
+FEWSHOT_VAL = "split, few-shot"   # CoOp's: min(shots, 4) images per class of the val split
+COOP_VAL_MAX = 4
+
+
+def validation(ctx: RunContext, train: list[Datum]) -> tuple[list[Datum], str | None]:
+    """The validation images and where they come from (``val_source``): the val split of the
+    trained classes (``split``; drawn from train outside the few-shot set where a dataset has
+    none, ``val_per_class`` per class); CoOp's few-shot validation (``fewshot``: min(shots, 4)
+    per class of the val split, or of train outside the few-shot set, drawn reproducibly from
+    the seed); or none (the methods' validation-free rules, RAFT's fixed alpha)."""
+    cfg, data, task = ctx.cfg, ctx.data, ctx.task
+    if cfg.val_source == "none":
+        return [], None
+    val, taken = in_classes(data.val, task.train), {d.path for d in train}
+    if cfg.val_source == "fewshot":
+        per_class = min(cfg.shots, COOP_VAL_MAX)
+        if val:
+            return validation_from_train(val, per_class, cfg.seed, task.train.classnames, set(),
+                                         "val images"), FEWSHOT_VAL
+        return validation_from_train(in_classes(data.train, task.train), per_class, cfg.seed, task.train.classnames,
+                                     taken), FROM_TRAIN
+    if not val and cfg.val_per_class > 0:
+        return validation_from_train(in_classes(data.train, task.train), cfg.val_per_class, cfg.seed,
+                                     task.train.classnames, taken), FROM_TRAIN
+    return val, "split" if val else None
 
 
 PROTOCOL_SHOTS = 16   # the field's largest few-shot setting

@@ -30,6 +30,7 @@ from run.config import Config, check_values, require_same_settings
 from run.context import Model, RunContext, Trained
 from run.distributed import WORLD
 from run.features import LiveSource, PublishedSource, ViewSource, share_rounding
+from run.task import FEWSHOT_VAL
 from utils import RaftError, atomic_write, autocast, first_line, set_seed, torch_load, torch_save, write_yaml
 
 # 1: before the published learning-rate sequence (refused: its run would continue on another one);
@@ -489,8 +490,9 @@ def train_or_load(ctx: RunContext, model: Model) -> Trained:
         write_yaml(folder.run_dir / "config.yaml", dict(cfg))
         save_list(folder.run_dir / "fewshot.json", images.train, data.root, data.image_root, dataset=data.name,
                   shots=cfg.shots, seed=cfg.seed, train_data_sha256=data.digest(("train",)))
-        if images.val_source not in (None, "split"):
-            save_list(folder.run_dir / "val_from_train.json", images.val, data.root, dataset=data.name, seed=cfg.seed)
+        if images.val_source not in (None, "split"):   # a drawn validation set: which images it holds
+            name = "val_fewshot.json" if images.val_source == FEWSHOT_VAL else "val_from_train.json"
+            save_list(folder.run_dir / name, images.val, data.root, dataset=data.name, seed=cfg.seed)
     rounding = None
     if world.many and cfg.dist_exact and not cfg.train_views:   # cached views are computed in whole batches
         whole = [cfg.batch_size] + ([len(images.train) % cfg.batch_size] if len(images.train) % cfg.batch_size else [])

@@ -24,7 +24,7 @@ help_on_request() {
   local arg
   for arg in "$@"; do
     if [[ "$arg" == -h || "$arg" == --help ]]; then
-      sed -n '2,/^[^#]/{/^#/!q;s/^# \{0,1\}//;p}' "$script"
+      sed -n '2,/^[^#]/{/^#/!q;s/^#\( \|$\)//;p}' "$script"   # '#SBATCH' lines shown as they are
       exit 0
     fi
   done
@@ -44,11 +44,12 @@ entry_of() {
   if [[ "$1" == imagenet ]]; then echo main_imagenet.py; else echo main.py; fi
 }
 
-# ---- a loop of runs: call start_runs TOTAL, then run_one LABEL COMMAND... per run, then finish_runs.
+# ---- a loop of runs: call start_runs TOTAL [ALREADY_FINISHED], then run_one LABEL COMMAND... per run,
+# then finish_runs.
 # One Ctrl-C (or SIGTERM) stops the whole loop: the run in progress saves and exits (130), no
 # further run starts, and the summary (done / failed / not started) is printed.
 start_runs() {
-  total_runs="$1"; started=0; stopped=0; done_runs=(); failed=(); times=()
+  total_runs="$1"; started=0; stopped=0; done_runs=(); failed=(); times=(); already="${2:-0}"
   trap 'stopped=1' INT TERM
 }
 
@@ -77,7 +78,7 @@ run_one() {
 finish_runs() {
   local not_started=$((total_runs - started))
   echo >&2
-  echo "${#done_runs[@]} done, ${#failed[@]} failed, $not_started not started$( ((stopped)) && echo " (stopped by a signal)")" >&2
+  echo "${#done_runs[@]} done, ${#failed[@]} failed, $not_started not started$( ((already)) && echo ", $already already finished (left out)")$( ((stopped)) && echo " (stopped by a signal)")" >&2
   if [[ ${#failed[@]} -gt 0 ]]; then
     echo "${#failed[@]} run$( ((${#failed[@]} == 1)) || echo s) failed:" >&2
     printf '  %s\n' "${failed[@]}" >&2

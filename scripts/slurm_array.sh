@@ -16,7 +16,7 @@
 #SBATCH --time=08:00:00
 #SBATCH --output=slurm-%A_%a.out
 set -euo pipefail
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,/^[^#]/{/^#/!q;s/^# \{0,1\}//;p}' "$0"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,/^[^#]/{/^#/!q;s/^#\( \|$\)//;p}' "$0"; exit 0; }
 list="${1:?usage: sbatch --array=1-N scripts/slurm_array.sh RUNS.txt}"
 task="${SLURM_ARRAY_TASK_ID:?run this through sbatch --array (SLURM_ARRAY_TASK_ID is not set)}"
 line=$(sed -n "${task}p" "$list")

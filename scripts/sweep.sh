@@ -57,10 +57,14 @@ if [[ "${CHECK:-0}" == 1 && ${#known[@]} -gt 0 ]]; then
 fi
 
 # one Python start lists the pending runs, after checking every dataset's folder at once
-listing=$(pending "$@") || { echo "nothing was run" >&2; exit 1; }
+listing=$(PENDING_COUNT=1 pending "$@") || { echo "nothing was run" >&2; exit 1; }
+already=0
 commands=()
-[[ -n "$listing" ]] && mapfile -t commands <<< "$listing"
-start_runs "${#commands[@]}"
+if [[ -n "$listing" ]]; then
+  mapfile -t commands <<< "$listing"
+  if [[ "${commands[0]:-}" == finished* ]]; then already="${commands[0]#finished }"; commands=("${commands[@]:1}"); fi
+fi
+start_runs "${#commands[@]}" "$already"
 failed+=("${unknown[@]}")
 label_of() { local c="${1#cd * && }"; echo "${c#* }"; }   # the command without `cd ROOT && python`
 

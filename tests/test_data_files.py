@@ -237,3 +237,62 @@ def test_imagenet_class_lists_with_tabs_are_read_and_checked(tmp_path, capsys):
     assert "1 of 3 class folders missing" in r["problems"][0] and "n01484850" in r["problems"][0]
     assert r["splits"]["train"]["listed"] == 2 and r["splits"]["val"]["listed"] == 1
     assert any("images/val: 1 class folders hold no image, e.g. n01443537" in p for p in r["problems"])
+
+
+# --------------------------------------------------------------------------- answers that never end, or trickle
+class Unending(SimpleHTTPRequestHandler):
+    """Answers every GET with a body that never ends (``endless``) or a byte every 0.3 s (``trickle``)."""
+    mode = "endless"
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for _ in range(10 ** 6):
+                self.wfile.write(b"{" * (1 << 16) if Unending.mode == "endless" else b" ")
+                self.wfile.flush()
+                if Unending.mode == "trickle":
+                    time.sleep(0.3)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,fragment", [("endless", "longer than the"), ("trickle", "slower than")])
+def test_a_download_stops_at_its_pinned_size_and_in_bounded_time(tmp_path, capsys, monkeypatch, mode, fragment):
+    import datasets.fetch as fetching
+    monkeypatch.setattr(fetching, "MIN_RATE", 1 << 20)   # the dtd split's 1.4 MB at 1 MiB/s: ~1.5 s of patience
+    Unending.mode = mode
+    (tmp_path / "data").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unending)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        start = time.monotonic()
+        code, out, err = fetch(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, capsys, "dtd",
+                               extra=("--timeout", "1"))
+    finally:
+        server.shutdown()
+    assert code == 2 and fragment in err and "nothing written" in err, err
+    assert time.monotonic() - start < 30 and not leftovers(tmp_path)
+    assert not (tmp_path / "data" / "dtd" / "split_zhou_DescribableTextures.json").exists()
+
+
+def test_check_data_checks_your_own_folder_anywhere_and_says_where_images_come_from(demo_root, tmp_path, capsys):
+    folder = tmp_path / "somewhere" / "my_birds"
+    for name in ("robin", "sparrow"):
+        shutil.copytree(demo_root / "images" / "red_circle", folder / name)
+    (folder / "robin" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    code, out, _ = cli(["--folder", str(folder), "--full"], capsys, entry="check_data")
+    assert code == 1 and "folder my_birds" in out and "class folders" in out and "broken.jpg" in out
+    code, out, _ = cli(["--folder", str(tmp_path / "nowhere")], capsys, entry="check_data")
+    assert code == 1 and "does not exist" in out
+    code, out, _ = cli(["dtd", "--data_root", str(tmp_path)], capsys, entry="check_data")
+    assert code == 1 and "doc/datasets.md says where its images come from" in out
+    assert not list(tmp_path.rglob("*.json"))                  # a check writes nothing (no split recorded)

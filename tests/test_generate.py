@@ -38,6 +38,18 @@ class FakeEndpoint(BaseHTTPRequestHandler):
             self._send(200, self._completion("\n".join(f"{k}: {v}" for k, v in self.headers.items())))
         elif action == "echo-inline":   # the key inside a sentence that would otherwise pass as a description
             self._send(200, self._completion(f"A robin whose token is {self.headers['Authorization'][7:]}."))
+        elif action in ("endless", "trickle"):   # an answer that never ends, or that comes a byte at a time
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for _ in range(10 ** 6 if action == "endless" else 200):
+                    self.wfile.write(b" " * (1 << 16) if action == "endless" else b" ")
+                    self.wfile.flush()
+                    if action == "trickle":
+                        __import__("time").sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         else:
             name = prompt.split("What does a ")[1].split(" look like?")[0]
             first = 3 * len(FakeEndpoint.requests)   # fresh wording for every request
@@ -150,3 +162,46 @@ def test_a_refused_connection_or_an_unknown_host_fails_in_seconds(tmp_path, caps
     start = time.monotonic()
     code, text = generate_cli(url, tmp_path / "x.json", "--classes", "robin", capsys=capsys)
     assert code == 2 and fragment in text and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("action", ["endless", "trickle"])
+def test_an_answer_that_never_ends_or_trickles_is_bounded_in_size_and_time(endpoint, tmp_path, capsys, monkeypatch,
+                                                                             action):
+    import resource
+    import time
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    FakeEndpoint.script = [action] * 10
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    code, err = generate_cli(endpoint, tmp_path / "o.json", "--classes", "robin", "--timeout", "1",
+                             "--max-retries", "0", capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: no usable answer"), err
+    assert ("longer than 1,048,576 bytes" if action == "endless" else "took longer than 1s") in last
+    assert time.monotonic() - start < 15
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB: not the endless body
+    assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("question", ["What does a {season} {} look like?", "Describe {0}.", "No field here?",
+                                      "A {:>300000000}?", "{{}} looks like?"])
+def test_a_question_holds_exactly_one_plain_field(tmp_path, capsys, monkeypatch, question):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    code = run_main(generate.main, ["--classes", "robin", "--out", str(tmp_path / "o.json"), "--question", question])
+    err = capsys.readouterr().err
+    assert code == 2 and "--question" in err and "exactly one plain '{}'" in err
+
+
+@pytest.mark.parametrize("content,fragment", [(b"robin\nm\xe9sange\n", "not UTF-8"), (b"robin\x00\n", "binary"),
+                                              (None, "FIFO")])
+def test_a_class_names_file_goes_through_the_one_text_reader(tmp_path, capsys, monkeypatch, content, fragment):
+    import os
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    names = tmp_path / "classes.txt"
+    if content is None:
+        os.mkfifo(names)
+    else:
+        names.write_bytes(content)
+    code = run_main(generate.main, ["--classnames", str(names), "--name", "x", "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err

@@ -307,3 +307,15 @@ def test_a_run_from_a_tag_predicts_with_that_tags_preprocessing(tagged, demo_roo
     image = next((demo_root / "images").rglob("test_*.jpg"))
     code, out, err = cli([str(run_dir), str(image), "--top-k", "1"], capsys, entry="scripts.predict")
     assert code == 0 and "  1. " in out, err
+
+
+@pytest.mark.parametrize("backbone", ["ViT-B-16-SigLIP2", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP-i18n-256"])
+def test_a_tokenizer_that_needs_packages_says_so_before_anything_is_written(backbone, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("transformers", "sentencepiece") else real(name, *a))
+    code, _, err = cli(["--config", str(ROOT / "configs/demo.yaml"), "--backbone", backbone, "--weights", "null",
+                        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")], capsys)
+    one_line_error(code, err, backbone, "transformers and sentencepiece", "requirements-optional.txt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

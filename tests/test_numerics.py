@@ -99,3 +99,19 @@ def test_a_misspelled_precision_names_the_closest(capsys):
     code, _, err = cli(["--config", str(ROOT / "configs/dtd.yaml"), "--pool_precision", "float16"], capsys)
     one_line_error(code, err, "'pool_precision' must be 'float32' or 'float16_published'",
                    "did you mean 'float16_published'")
+
+
+@pytest.mark.parametrize("key,value", [("eps", "1e-8"), ("eps", "2e-8"), ("lr", "1e-9")])
+def test_values_float16_rounds_to_zero_are_refused_naming_the_smallest(key, value, capsys):
+    code, _, err = cli(["--config", str(ROOT / "configs/dtd.yaml"), "--pool_precision", "float16_published",
+                        f"--{key}", value, "--min_lr", "0"], capsys)
+    one_line_error(code, err, f"{key} {float(value):g} rounds to 0 in float16", "5.96e-08")
+
+
+def test_the_old_name_of_the_published_precision_is_read_with_a_note(capsys):
+    from run.config import build_config, check_values, current_values
+    cfg = build_config(None, {"dataset": "d", "data_path": "x", "pool_precision": "float16_reference"})
+    assert cfg.pool_precision == "float16_published" and "now called 'float16_published'" in capsys.readouterr().out
+    saved = {"pool_precision": "float16_reference", "augment": "reference"}
+    check_values(saved, "a checkpoint of an earlier version")
+    assert current_values(saved) == {"pool_precision": "float16_published", "augment": "published"}

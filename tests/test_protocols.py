@@ -235,3 +235,72 @@ def test_summary_tables_of_the_protocols(tmp_path, capsys):
     assert "| source | shots | source test | dtd | eurosat | target average |" in transfer
     assert "| imagenet | 16 | 61.50 ± 0.50 | 41.50 ± 0.50 | 31.50 ± 0.50 | 36.50 ± 0.50 |" in transfer
     assert "RN50,imagenet,16,target_average,2,36.5000" in (tmp_path / "sum" / "summary_RN50_transfer.csv").read_text()
+
+
+# --------------------------------------------------------------------------- what the choices are made on
+@pytest.mark.slow
+def test_the_three_validation_rules_are_recorded_and_kept_apart(dtd, tmp_path, capsys):
+    from conftest import args_for, cli, one_line_error
+    base = args_for(dtd, tmp_path, "--shots", "1", "--baselines", "[linear_probe, tip_adapter]")
+    assert cli(base, capsys)[0] == 0
+    assert cli([*base, "--val_source", "fewshot"], capsys)[0] == 0
+    code, _, err = cli([*base, "--val_source", "none"], capsys)
+    one_line_error(code, err, "val_source: none", "--alpha")
+    assert cli([*base, "--val_source", "none", "--alpha", "0.5"], capsys)[0] == 0
+    out = tmp_path / "out" / "dtd"
+    split, fewshot, none = (json.loads((out / f"tiny-rn_1shots_seed1{s}" / "results.json").read_text())
+                            for s in ("", "_val-fewshot", "_val-none"))
+    assert (split["validation"]["source"], split["sizes"]["val"]) == ("split", 6)
+    assert (fewshot["validation"]["source"], fewshot["validation"]["per_class"], fewshot["sizes"]["val"]) == \
+        ("fewshot", 1, 3)                                          # min(shots, 4) = 1 per class
+    listed = json.loads((out / "tiny-rn_1shots_seed1_val-fewshot" / "val_fewshot.json").read_text())
+    assert len(listed["items"]) == 3
+    assert none["sizes"]["val"] == 0 and none["alpha_source"] == "config"
+    assert none["baselines"]["linear_probe"]["hyper"]["C_source"].startswith("fixed")
+    assert none["baselines"]["tip_adapter"]["hyper"] == {"a": 1.0, "b": 1.0, "ab_source": "fixed: no validation "
+                                                                                           "data (a = b = 1)"}
+    code, text, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="scripts.summarize")
+    assert code == 0 and "tiny-rn_val-fewshot" in text and "tiny-rn_val-none" in text   # never averaged together
+
+
+def test_a_few_shot_validation_draw_is_reproducible(dtd):
+    from clip.published import numerics_of
+    from run.config import build_config
+    from run.context import RunContext, RunFolder
+    from run.task import make_task, sample_images
+    from utils import PhaseClock
+    import dataclasses
+    data = read_coop_dataset("dtd", dtd)
+    draws = []
+    for seed in (1, 1, 2, 3, 4, 5):
+        cfg = build_config(None, {"dataset": "dtd", "data_path": str(dtd), "shots": 1, "seed": seed,
+                                  "val_source": "fewshot"})
+        ctx = RunContext(cfg, data, RunFolder(__import__("logging").getLogger("t"), *[None] * 3),
+                         torch.device("cpu"), False, numerics_of("float32"), PhaseClock())
+        ctx = dataclasses.replace(ctx, task=make_task(ctx))
+        draws.append([d.path for d in sample_images(ctx).val])
+    assert draws[0] == draws[1] and len(draws[0]) == 3
+    assert len({tuple(sorted(d)) for d in draws}) > 1          # the seed draws them (2 val images per class here)
+
+
+@pytest.mark.slow
+def test_alpha_on_test_is_the_oracle_marked_everywhere_and_refused_where_it_would_leak(dtd, tmp_path, capsys):
+    from conftest import args_for, cli, one_line_error
+    base = args_for(dtd, tmp_path, "--baselines", "[]")
+    assert cli([*base, "--alpha_on", "test"], capsys)[0] == 0
+    run = tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_alpha-on-test"
+    r = json.loads((run / "results.json").read_text())
+    assert r["alpha_source"] == "test" and r["alpha"] == r["oracle"]["alpha"] and r["validation"]["alpha_on"] == "test"
+    code, text, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="scripts.summarize")
+    assert code == 0 and "‡" in text and "an oracle" in text
+    for extra, fragment in ((["--protocol", "base2new"], "base2new"), (["--shift_sets", "{imagenet_v2: x}"],
+                                                                        "shift_sets")):
+        code, _, err = cli([*base, "--alpha_on", "test", *extra], capsys)
+        one_line_error(code, err, "alpha_on: test", fragment)
+    other = [a if a != str(ROOT / "configs/dtd.yaml") else str(ROOT / "configs/folder.yaml") for a in base]
+    birds = tmp_path / "birds"
+    for name in ("red_circle", "blue_square", "green_triangle"):
+        __import__("shutil").copytree(dtd / "images" / name, birds / name)
+    other[other.index("--data_path") + 1] = str(birds)
+    code, _, err = cli([*other, "--eval-only", "--checkpoint", str(run / "checkpoint.pt")], capsys)
+    one_line_error(code, err, "alpha_on: test", "transfer")

@@ -95,3 +95,20 @@ def test_results_record_the_split_files_and_sizes(dtd, tmp_path, capsys):
     assert split["files"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
     assert split["sizes"] == {"train": 18, "val": 6, "test": 9}
     assert results["sizes"]["train"] == 12                              # the few-shot sample beside it
+
+
+def test_a_phases_peak_memory_counts_what_its_inner_sections_reached():
+    """Nested sections: the outer phase's peak is the largest resident memory between its start
+    and its end, the inner ones' included (each inner start resets the kernel's mark)."""
+    import numpy as np
+    from utils import PhaseClock
+    clock = PhaseClock()
+    with clock.section("outer"):
+        with clock.section("inner big"):
+            big = np.ones(300 << 17)     # 300 MB, touched
+            del big
+        with clock.section("inner small"):
+            pass
+    peaks = {name: phase["peak_mb"] for name, phase in clock.phases.items()}
+    assert peaks["inner big"] > peaks["inner small"] + 200
+    assert peaks["outer"] >= peaks["inner big"]

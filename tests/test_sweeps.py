@@ -66,6 +66,7 @@ def test_finished_runs_are_left_out_without_starting_python_and_progress_is_show
     again = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd", "4", "1 2", *overrides],
                            env=dict(os.environ, PYTHON=str(counting)), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stderr
+    assert "0 done, 0 failed, 0 not started, 2 already finished (left out)" in again.stderr   # the final count too
     assert [line.split()[0].rsplit("/", 1)[-1] for line in calls.read_text().splitlines()] == ["pending.py"]
 
 
@@ -133,3 +134,9 @@ def test_a_sweep_without_data_says_so_once_for_every_dataset_and_runs_nothing(tm
         assert done.returncode == 1 and "no data for 2 of 3 dataset(s): eurosat" in done.stderr, done.stderr
         assert "ucf101" in done.stderr and "scripts/get_files.py" in done.stderr and "check_data.py" in done.stderr
         assert len(calls.read_text().splitlines()) == 1      # one Python start: the check, no run
+
+
+def test_the_slurm_scripts_help_shows_its_sbatch_lines():
+    done = subprocess.run(["bash", str(ROOT / "scripts/slurm_array.sh"), "--help"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0 and "#SBATCH --gres=gpu:1" in done.stdout and "\nSBATCH" not in done.stdout

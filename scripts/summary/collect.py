@@ -93,7 +93,7 @@ def record(r: dict, path: Path) -> dict:
     return {"dataset": r["dataset"], "shots": int(r["shots"]), "seed": r["seed"], "backbone": r["backbone"],
             "acc": float(r["test_acc"]), "zero_shot": float(r["zero_shot_acc"]), "data": data_id(r),
             "classes": r.get("num_classes"), "text": text_label(r), "folder": str(path.parent),
-            "config": r.get("config"), "history": r.get("history"),
+            "config": r.get("config"), "history": r.get("history"), "alpha_source": r.get("alpha_source"),
             "shift": {k: (float(v["test_acc"]), float(v["zero_shot_acc"])) for k, v in (r.get("shift") or {}).items()}}
 
 

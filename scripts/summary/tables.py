@@ -70,7 +70,8 @@ class Table:
             text = text.replace("\\", "\\textbackslash{}")
             for a, b in (("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"), ("**", "")):
                 text = text.replace(a, b)
-            return text.replace(" ± ", " $\\pm$ ").replace("–", "--").replace(TEXT_MARK, "$^\\dagger$")
+            return (text.replace(" ± ", " $\\pm$ ").replace("–", "--").replace(TEXT_MARK, "$^\\dagger$")
+                    .replace("‡", "$^\\ddagger$"))
         lines = [f"% {tex(self.title)}", "\\begin{tabular}{l" + "c" * (len(self.header) - 1) + "}", "\\toprule",
                  " & ".join(tex(h) for h in self.header) + " \\\\", "\\midrule"]
         lines += [" & ".join(tex(c) for c in row) + " \\\\" for row in self.rows]
@@ -86,6 +87,14 @@ def text_marks(rows: list[dict]) -> tuple[str, set]:
 
 def marked(text: str, odd: bool) -> str:
     return text + TEXT_MARK if odd else text
+
+
+def oracle_note(rows: list[dict]) -> list[str]:
+    """Runs whose alpha was chosen on their test labels (alpha_on: test) are said to be that."""
+    oracles = sum(r.get("alpha_source") == "test" for r in rows)
+    return [f"‡ {oracles} run{'s' if oracles != 1 else ''} chose alpha on the test labels (alpha_on: test, the "
+            f"published ImageNet protocol): an oracle, for comparison with the published code only, not a result"] \
+        if oracles else []
 
 
 def text_source_note(common: str, odd: set) -> list[str]:
@@ -130,9 +139,11 @@ def fewshot_table(rows: list[dict], group: str, spread: Spread, notes: list[str]
     csv_rows += [[group, "average", s, "", f"{t['averages'][s]:.4f}", "",
                   "" if t["zero_average"] is None else f"{t['zero_average']:.4f}"]
                  for s in t["shots"] if t["averages"][s] is not None]
-    table = Table(f"RAFT, {group}: {len(rows)} run{'s' if len(rows) != 1 else ''}", ["shots", *ds, "Average"], body,
+    oracle = " ‡ (alpha on test)" if any(r.get("alpha_source") == "test" for r in rows) else ""
+    table = Table(f"RAFT, {group}: {len(rows)} run{'s' if len(rows) != 1 else ''}{oracle}", ["shots", *ds, "Average"],
+                  body,
                   [f"Test top-1 accuracy (%), {spread.note()}; – : no run; the average only over a complete row.",
-                   *text_source_note(common, odd), *notes],
+                   *text_source_note(common, odd), *oracle_note(rows), *notes],
                   ["group", "dataset", "shots", "runs", "mean", "std", "zero_shot_mean"], csv_rows)
     return table, t
 
@@ -291,6 +302,6 @@ def methods_table(rows: list[dict], group: str, spread: Spread) -> tuple[Table, 
                   ["dataset", "shots", *(method_label(m) for m in methods)], body,
                   [f"Test top-1 accuracy (%), {spread.note()}. Every method on the same few-shot images, the same "
                    "CLIP features and text, its hyper-parameters chosen on validation data (doc/baselines.md); "
-                   "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones."],
+                   "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones.", *oracle_note(rows)],
                   ["group", "dataset", "shots", "method", "runs", "mean"], csv_rows)
     return table, curve
