@@ -1,34 +1,73 @@
-"""Tip-Adapter, training-free (Zhang et al., ECCV 2022; doc/baselines.md).
+"""Tip-Adapter, training-free (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter; doc/baselines.md).
 
 Cache keys ``K``: for every few-shot image, ``v0`` of 10 augmented views (RandomResizedCrop
-scale 0.5–1, bicubic, flip) averaged and L2-normalised; cache values: one-hot labels ``L``.
-For a feature ``f``:
+scale 0.5–1, bicubic, flip) averaged, then L2-normalised (the mean of the raw features, as
+published); cache values: one-hot labels ``L``. For a feature ``f``:
 
     logits = 100 · f · T[:, :C] + a · exp(-b · (1 - f · Kᵀ)) · L
 
-``a, b`` are searched on validation accuracy over the published grid (b: 200 values 0.1 … 7,
-a: 20 values 0.1 … 3), starting from a = b = 1 (a grid point replaces it only when strictly
-better). Since ``L`` is one-hot, ``exp(…) · L`` is a per-class sum (``index_add``), computed
-in chunks so that no ``features × keys`` matrix larger than ``CHUNK`` values is ever held.
+``a, b`` are searched on validation accuracy over the published grid of each dataset
+(``SETTINGS``: b over [0.1, scale_b), a over [0.1, scale_a)), every (b, a) in turn, a point
+replacing the best only when strictly better, from none (the published search starts at an
+accuracy of 0); without validation data: the dataset's published initial a, b. Since ``L`` is
+one-hot, ``exp(…) · L`` is a per-class sum (``index_add``), computed in chunks so that no
+``features × keys`` matrix larger than ``CHUNK`` values is ever held.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from utils import RaftError
 
-from .base import Baseline, BaselineData
+from .base import Baseline, BaselineData, published_grid
 
-B_GRID = [0.1 + i * (7.0 - 0.1) / 200 for i in range(200)]
-A_GRID = [0.1 + j * (3.0 - 0.1) / 20 for j in range(20)]
-START = (1.0, 1.0)
+
+@dataclass(frozen=True)
+class TipSettings:
+    """One dataset's row of the published configs (configs/<dataset>.yaml at d0e2d6f)."""
+    scale_b: float
+    scale_a: float
+    init_b: float
+    init_a: float
+    train_epoch: int         # Tip-Adapter-F's epochs
+    steps_b: int = 200
+    steps_a: int = 20
+
+    @property
+    def b_grid(self) -> list[float]:
+        return published_grid(self.scale_b, self.steps_b)
+
+    @property
+    def a_grid(self) -> list[float]:
+        return published_grid(self.scale_a, self.steps_a)
+
+
+SETTINGS = {
+    "caltech101": TipSettings(12, 5, 1, 3, 20), "dtd": TipSettings(13, 13, 1, 2, 20),
+    "eurosat": TipSettings(12, 10, 1, 2, 100), "fgvc": TipSettings(30, 30, 1, 5, 20),
+    "food101": TipSettings(10, 10, 1, 1.17, 20), "imagenet": TipSettings(7, 3, 1, 1.17, 20),
+    "oxford_flowers": TipSettings(50, 50, 1, 10, 20), "oxford_pets": TipSettings(7, 3, 1, 1.17, 20),
+    "stanford_cars": TipSettings(20, 10, 1, 3, 20), "sun397": TipSettings(12, 10, 1, 1.17, 20),
+    "ucf101": TipSettings(7, 3, 1, 3, 20),
+}
+DEFAULT = "imagenet"   # your own folders, the demo: ImageNet's row
+
+
+def settings_of(dataset: str) -> TipSettings:
+    return SETTINGS.get(dataset, SETTINGS[DEFAULT])
+
+
+# ImageNet's grid: what a dataset without a row of its own searches
+B_GRID, A_GRID = SETTINGS[DEFAULT].b_grid, SETTINGS[DEFAULT].a_grid
 CHUNK = 1 << 24   # affinity values per chunk (64 MiB in float32)
 
 
 def cache_keys(views: torch.Tensor) -> torch.Tensor:
-    """The mean over the views of each image's ``v0``, L2-normalised: ``N×D``."""
+    """The mean over the views of each image's ``v0`` (as published: the raw features' mean),
+    L2-normalised: ``N×D``."""
     return torch.nn.functional.normalize(views.mean(0), dim=-1)
 
 
@@ -73,8 +112,9 @@ def tip_logits(data: BaselineData, features: torch.Tensor, keys: torch.Tensor, k
     return data.zero_shot_logits(features) + a * cache_term(features, keys, key_labels, data.num_classes, b)
 
 
-def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
-    """Correct validation predictions for every (b, a) of the grid: ``len(B_GRID) × len(A_GRID)``.
+def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor,
+                b_grid: list[float] = B_GRID, a_grid: list[float] = A_GRID) -> torch.Tensor:
+    """Correct validation predictions for every (b, a) of the grid: ``len(b_grid) × len(a_grid)``.
 
     What does not depend on a grid value is computed once per chunk of validation images: the
     affinities ``1 − f·Kᵀ`` (one product, not one per b) and the zero-shot logits; per b one
@@ -82,11 +122,11 @@ def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor
     loops (large temporaries freed and allocated again cost page faults, not arithmetic), and
     the chunks bound the memory. The same operations, in the same order, as ``tip_logits``."""
     val, labels = data.val, data.val_labels
-    classes, a_values = data.num_classes, len(A_GRID)
+    classes, a_values = data.num_classes, len(a_grid)
     rows = max(1, CHUNK // max(1, len(keys)))                 # cache_term's chunks: the same products
     blend_rows = max(1, CHUNK // max(1, a_values * classes))
-    a = torch.tensor(A_GRID, dtype=val.dtype, device=val.device).view(-1, 1, 1)
-    counts = torch.zeros(len(B_GRID), a_values, dtype=torch.long, device=val.device)
+    a = torch.tensor(a_grid, dtype=val.dtype, device=val.device).view(-1, 1, 1)
+    counts = torch.zeros(len(b_grid), a_values, dtype=torch.long, device=val.device)
     zero_shot = data.zero_shot_logits(val)
     distance = val.new_empty(min(rows, len(val)), len(keys))
     decayed = torch.empty_like(distance)
@@ -97,7 +137,7 @@ def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor
         d, e, c = distance[:n], decayed[:n], cache[:n]
         torch.matmul(val[start:start + n], keys.T, out=d)
         torch.sub(1.0, d, out=d)                                       # 1 − f·Kᵀ, once for every b
-        for i, b in enumerate(B_GRID):
+        for i, b in enumerate(b_grid):
             torch.mul(d, -b, out=e).exp_()
             c.zero_().index_add_(1, key_labels, e)
             for first in range(0, n, blend_rows):                      # zero_shot + a · cache, every a
@@ -108,39 +148,42 @@ def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor
     return counts
 
 
-def search_ab(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor) -> dict:
-    """The published grid search of a, b on validation accuracy, from a = b = 1 (a grid point
-    replaces the best only when strictly better; the first a of the best at each b). Compared
-    as counts of correct predictions: percentages rounded in float32 can make an equal count
-    look better."""
-    start = tip_logits(data, data.val, keys, key_labels, *START)
-    best = (*START, int((start.argmax(-1) == data.val_labels).sum()))
-    counts = grid_counts(data, keys, key_labels).tolist()
-    for i, b in enumerate(B_GRID):
-        j = max(range(len(A_GRID)), key=lambda k: (counts[i][k], -k))
+def search_ab(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor,
+              settings: TipSettings | None = None) -> dict:
+    """The published grid search of a, b on validation accuracy: every (b, a) in turn, b outer,
+    a point replacing the best only when it has strictly more correct predictions, from none
+    (an accuracy of 0: every point but a useless one replaces it). Compared as counts: percentages
+    rounded in float32 can make an equal count look better."""
+    settings = settings or settings_of(data.dataset)
+    b_grid, a_grid = settings.b_grid, settings.a_grid
+    counts = grid_counts(data, keys, key_labels, b_grid, a_grid).tolist()
+    best = (0.0, 0.0, 0)
+    for i, b in enumerate(b_grid):
+        j = max(range(len(a_grid)), key=lambda k: (counts[i][k], -k))
         if counts[i][j] > best[2]:
-            best = (A_GRID[j], b, counts[i][j])
+            best = (a_grid[j], b, counts[i][j])
     return {"a": best[0], "b": best[1], "ab_source": "val"}
 
 
 class TipAdapter(Baseline):
     name = "tip_adapter"
     label = "Tip-Adapter"
-    needs = ("views",)
+    needs = ("views:tip",)
 
     def fit(self, data: BaselineData) -> None:
-        keys = cache_keys(data.views)
+        keys = cache_keys(data.view_set("tip", normalised=False) if "tip" in data.raw else data.views)
         check_fits(keys, keys.device)
-        self.use_keys(keys, data.train_labels)
+        self.use_keys(keys, data.train_labels, settings_of(data.dataset))
 
-    def use_keys(self, keys: torch.Tensor, key_labels: torch.Tensor) -> None:
-        """The cache this adapter scores with, at a = b = 1 until ``choose`` searches them."""
-        self.keys, self.key_labels = keys, key_labels
-        self.ab = {"a": START[0], "b": START[1], "ab_source": "fixed: no validation data (a = b = 1)"}
+    def use_keys(self, keys: torch.Tensor, key_labels: torch.Tensor, settings: TipSettings) -> None:
+        """The cache this adapter scores with, at the dataset's initial a, b until ``choose`` searches them."""
+        self.keys, self.key_labels, self.settings = keys, key_labels, settings
+        self.ab = {"a": float(settings.init_a), "b": float(settings.init_b),
+                   "ab_source": "fixed: no validation data (the published initial a, b)"}
 
     def choose(self, data: BaselineData) -> dict:
         if data.val is not None:
-            self.ab = search_ab(data, self.keys, self.key_labels)
+            self.ab = search_ab(data, self.keys, self.key_labels, self.settings)
         return dict(self.ab)
 
     def logits(self, data: BaselineData, features: torch.Tensor) -> torch.Tensor:

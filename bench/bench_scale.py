@@ -32,9 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from utils import ToolParser, bounded, run_main  # noqa: E402
 
+from baselines import METHODS  # noqa: E402
+
 PHASES = ["sample_images", "build_model", "training images", "training loop", "evaluate_run", "alpha search",
-          "measure_baselines", "baseline features", "baseline zero_shot", "baseline linear_probe",
-          "baseline tip_adapter", "baseline tip_adapter_f"]
+          "measure_baselines", "baseline features", "baseline features before the last projection",
+          *(f"baseline {name}" for name in METHODS)]
+# the methods this wave added, all on cached features: their share of a RAFT run is printed apart
+NEW_METHODS = ["gda", "lp_plus_plus", "ape", "ape_t", "clap", "prolip", "task_res", "clip_adapter"]
 MEASURES = {"wall": "wall-clock s", "user": "user CPU s", "sys": "system CPU s", "peak_mb": "peak resident MB"}
 
 
@@ -141,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         f" (its training loop scaled from {args.epochs} measured epochs: {per_epoch:.1f}s each)"
     print(f"\nat {counts[-1]} classes: the baselines took {baselines:.1f}s, a {args.reference_epochs}-epoch RAFT run "
           f"{raft:.1f}s{scaled}: ratio {baselines / raft:.1%}")
+    added = sum(largest.get(f"baseline {name}", {}).get("wall", 0.0) for name in NEW_METHODS)
+    # their features: the Dassl view set and ProLIP's pass (the Tip views were there before)
+    features = largest.get("baseline features before the last projection", {}).get("wall", 0.0)
+    print(f"the methods on cached features added in this wave ({', '.join(NEW_METHODS)}): {added:.1f}s fitting "
+          f"and scoring, {features:.1f}s for the val/test features before the last projection: "
+          f"ratio {(added + features) / raft:.1%} of that RAFT run")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
     print(f"work folder: {work}")

@@ -30,7 +30,8 @@ from clip.map_pool import (MapRegionPool, check_map_head, clip_map_attention, cl
                            map_prefix_keys)
 from clip.preprocess import Preprocess
 from clip.region_pool import RegionAttentionPool, clip_pool_attention, clip_pool_forward
-from clip.vit_pool import ViTRegionPool, batch_first, clip_vit_attention, clip_vit_forward
+from clip.vit_pool import (ViTRegionPool, batch_first, clip_vit_attention, clip_vit_before_projection,
+                           clip_vit_forward)
 # loading lives in clip/weights.py; its names stay importable from here
 from clip.weights import (TINY_INIT_SEED, check_model_name, load_open_clip,  # noqa: F401
                           openai_weights_file, quiet_libraries, read_state_dict, tokenizer_for,
@@ -113,6 +114,20 @@ def map_sizes(visual: nn.Module) -> tuple[int, int, int, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
+class LastLayer:
+    """CLIP's last linear map of the image feature (what ProLIP fine-tunes):
+    ``v0 = before(visual, features) @ weight(visual) + bias(visual)``."""
+    before: Callable          # (visual, trunk output) -> B×W, the features the map reads
+    weight: Callable          # visual -> W×D
+    bias: Callable | None     # visual -> D (None: the map has no bias)
+    what: str                 # the module, in words
+
+
+NO_LAST_LAYER = ("its attention-pool head ends in a residual MLP after the attention's output projection, so no "
+                 "linear map of the final feature exists to fine-tune")
+
+
+@dataclass(frozen=True)
 class Family:
     """What a backbone family computes, each part read off the loaded model."""
     trunk: type              # visual -> module: images -> what the region pool reads
@@ -123,15 +138,20 @@ class Family:
     summary_keys: Callable   # visual -> keys before the grid in CLIP's own attention (its class token)
     what: str                # what the cached features are, for logs and docs
     label: str               # the family in words
+    last_layer: LastLayer | str = NO_LAST_LAYER   # or why the family has none
 
 
 FAMILIES = {
     "resnet": Family(ResNetTrunk, lambda v, f: clip_pool_forward(v.attnpool, f),
                      lambda v, f: clip_pool_attention(v.attnpool, f),
                      lambda v, mask: RegionAttentionPool(v.attnpool, mask), resnet_sizes, lambda v: 1,
-                     "feature map", "ResNet (attention pool)"),
+                     "feature map", "ResNet (attention pool)",
+                     LastLayer(lambda v, f: clip_pool_attention(v.attnpool, f)[0][:, 0],
+                               lambda v: v.attnpool.c_proj.weight.T, lambda v: v.attnpool.c_proj.bias,
+                               "the attention pool's output projection c_proj")),
     "vit": Family(ViTTrunk, clip_vit_forward, clip_vit_attention, ViTRegionPool, vit_sizes, lambda v: 1,
-                  "tokens entering the last block", "ViT (class token, last block's attention)"),
+                  "tokens entering the last block", "ViT (class token, last block's attention)",
+                  LastLayer(clip_vit_before_projection, lambda v: v.proj, None, "proj")),
     "map": Family(MapTrunk, clip_map_forward, clip_map_attention, MapRegionPool, map_sizes,
                   lambda v: map_prefix_keys(v.trunk), "tokens the attention-pool head reads",
                   "SigLIP-style ViT (attention-pool head)"),
@@ -256,6 +276,25 @@ class FrozenCLIP(nn.Module):
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         """``v0`` from trunk outputs (e.g. cached ones)."""
         return self.spec.pooled(self.model.visual, features)
+
+    def last_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight W×D, bias D or None) of CLIP's last linear map of the image feature, copies in
+        float32; a family without one is refused with the reason."""
+        layer = self.spec.last_layer
+        if isinstance(layer, str):
+            raise RaftError(f"{self.backbone} has no last projection to fine-tune: {layer}")
+        visual = self.model.visual
+        bias = None if layer.bias is None else layer.bias(visual).detach().float().clone()
+        return layer.weight(visual).detach().float().clone(), bias
+
+    @torch.no_grad()
+    def before_projection(self, features: torch.Tensor) -> torch.Tensor:
+        """What CLIP's last linear map reads, from trunk outputs (``B×W``): ``v0`` is it times
+        ``last_layer``'s weight plus its bias."""
+        layer = self.spec.last_layer
+        if isinstance(layer, str):
+            raise RaftError(f"{self.backbone} has no last projection to fine-tune: {layer}")
+        return layer.before(self.model.visual, features)
 
     def clip_attention(self, features: torch.Tensor) -> torch.Tensor:
         """Weights of CLIP's own query over its keys: ``B×heads×1×(summary_keys + HW)``."""

@@ -51,9 +51,14 @@ class FrozenTail:
     def finish(self, inputs: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the block and the head for some tokens: their block inputs ``B×Q×W`` and
         their attention outputs after the output projection -> embeddings ``B×Q×D``."""
+        z = self.before_projection(inputs, attended)
+        return z @ self.proj.to(z.dtype)
+
+    def before_projection(self, inputs: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """``finish`` up to ``ln_post``: the features the last projection ``proj`` maps (``B×Q×W``)."""
         z = inputs + self.ls_1(attended)
         z = z + self.ls_2(self.mlp(self.ln_2(z)))
-        return self.ln_post(z) @ self.proj.to(z.dtype)
+        return self.ln_post(z)
 
 
 def last_block_attention(visual: nn.Module) -> nn.MultiheadAttention:
@@ -78,6 +83,13 @@ def clip_vit_forward(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     out, _ = clip_vit_attention(visual, tokens)
     attended = last_block_attention(visual).out_proj(out)
     return FrozenTail.of(visual).finish(tokens[:, :1], attended)[:, 0]
+
+
+def clip_vit_before_projection(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's class token after ``ln_post``, before ``proj`` (``B×W``): ``v0 = this @ proj``."""
+    out, _ = clip_vit_attention(visual, tokens)
+    attended = last_block_attention(visual).out_proj(out)
+    return FrozenTail.of(visual).before_projection(tokens[:, :1], attended)[:, 0]
 
 
 class ViTRegionPool(SummaryPool):

@@ -2,6 +2,7 @@
 validation data only, on the run's own images and cached features."""
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,21 @@ def clustered(n_per_class, classes=6, dim=32, spread=0.9, seed=0):
     return torch.nn.functional.normalize(x, dim=-1), labels
 
 
+def with_everything(data: BaselineData, test: torch.Tensor, seed: int = 9) -> BaselineData:
+    """Every view set and ProLIP's features: the ground of every registered method."""
+    gen = torch.Generator().manual_seed(seed)
+    n, dim = data.train.shape
+    dassl = data.train + 0.4 * torch.randn(20, n, dim, generator=gen)
+    width = dim + 8
+    weight = torch.randn(width, dim, generator=gen) / width ** 0.5
+    lift = torch.linalg.pinv(weight)             # pre-projection features that map back near v0
+    pre = {"views": data.views @ lift, "weight": weight, "bias": None}
+    if data.val is not None:
+        pre["val"] = data.val @ lift
+    pre["test_acc"] = test @ lift
+    return replace(data, raw={"tip": data.views * 1.7, "dassl": dassl}, pre=pre, shots=len(data.train) // 6)
+
+
 @pytest.fixture(scope="module")
 def task():
     train, train_labels = clustered(8, seed=1)
@@ -34,7 +50,7 @@ def task():
     views = torch.nn.functional.normalize(train + 0.2 * torch.randn(10, *train.shape, generator=gen), dim=-1)
     centres = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))        # clustered()'s class centres
     text = torch.nn.functional.normalize(centres.T + 3.0 * torch.randn(32, 6, generator=gen), dim=0)  # a weak zero-shot
-    data = BaselineData(text, train, train_labels, views, val, val_labels, 100.0, 1)
+    data = with_everything(BaselineData(text, train, train_labels, views, val, val_labels, 100.0, 1), test)
     return data, test, test_labels
 
 
@@ -77,11 +93,11 @@ def test_tip_adapter_logits_are_the_formula_and_a_zero_is_zero_shot(task):
 def published_search(data, keys):
     """The published a, b search written out: every (b, a) in turn, one logits matrix per point
     (``tip_logits``' arithmetic: zero-shot + a · cache term), a point replacing the best only
-    when it has strictly more correct predictions."""
+    when it has strictly more correct predictions, from none (the published best accuracy 0)."""
     def correct(logits):
         return int((logits.argmax(-1) == data.val_labels).sum())
     zero_shot = data.zero_shot_logits(data.val)
-    best = (*tip.START, correct(tip_logits(data, data.val, keys, data.train_labels, *tip.START)))
+    best = (0.0, 0.0, 0)
     for b in tip.B_GRID:
         cache = tip.cache_term(data.val, keys, data.train_labels, data.num_classes, b)
         for a in tip.A_GRID:
@@ -132,14 +148,17 @@ def test_tip_search_chooses_what_the_published_loop_chooses(task, monkeypatch):
 
 def test_only_the_features_the_requested_methods_read_are_computed(task):
     data, test, test_labels = task
-    for names, present in ((["zero_shot"], ()), (["linear_probe"], ("train",)), (["tip_adapter_f"], ("views",))):
+    for names, present in ((["zero_shot"], ()), (["linear_probe"], ("train",)), (["tip_adapter_f"], ("views:tip",)),
+                           (["task_res", "clap"], ("views:dassl",)), (["prolip"], ("pre",))):
         needs = {n for name in names for n in METHODS[name].needs}
         assert needs == set(present)
-        partial = BaselineData(data.text, data.train if "train" in needs else None, data.train_labels,
-                               data.views if "views" in needs else None, data.val, data.val_labels)
+        partial = replace(data, train=data.train if "train" in needs else None,
+                          views=data.views if "views:tip" in needs else None,
+                          raw={k: v for k, v in data.raw.items() if f"views:{k}" in needs},
+                          pre=data.pre if "pre" in needs else {})
         out = run_baselines(names, partial, {"test_acc": (test, test_labels, None)}, LOG)
         full = run_baselines(names, data, {"test_acc": (test, test_labels, None)}, LOG)
-        assert out[names[0]]["test_acc"] == full[names[0]]["test_acc"]
+        assert all(out[name]["test_acc"] == full[name]["test_acc"] for name in names)
 
 
 def test_permuting_test_labels_changes_no_choice(task):
@@ -156,10 +175,43 @@ def test_permuting_test_labels_changes_no_choice(task):
 def test_trained_baselines_learn_from_the_few_shot_images(task):
     data, test, test_labels = task
     out = run_baselines(list(METHODS), data, {"test_acc": (test, test_labels, None)}, LOG)
+    assert not [name for name, r in out.items() if "failed" in r or "skipped" in r]
     assert out["linear_probe"]["test_acc"] > 60
-    for name in ("tip_adapter", "tip_adapter_f"):   # the cache adds to a weak zero-shot classifier
+    for name in ("tip_adapter", "tip_adapter_f", "gda", "lp_plus_plus", "ape", "ape_t", "clap", "task_res"):
+        # each adds to a weak zero-shot classifier what the few-shot images teach
         assert out[name]["test_acc"] > out["zero_shot"]["test_acc"] + 5, (name, out[name], out["zero_shot"])
     assert out["tip_adapter_f"]["hyper"]["epoch"] >= 1 and "cached augmented views" in out["tip_adapter_f"]["note"]
+    for name in ("task_res", "clip_adapter", "clap"):
+        assert "cached views" in out[name]["note"]
+
+
+def test_a_method_that_cannot_run_is_skipped_with_its_reason_and_one_that_fails_is_recorded(task, monkeypatch):
+    data, test, test_labels = task
+    refused = replace(data, pre={"refused": "tiny-siglip has no last projection to fine-tune: its head ..."})
+    import baselines.gda as gda
+
+    def singular(*args):
+        raise torch.linalg.LinAlgError("linalg.pinv: The algorithm failed to converge")
+    monkeypatch.setattr(gda, "discriminant", singular)
+    out = run_baselines(["prolip", "gda", "tip_adapter"], refused, {"test_acc": (test, test_labels, None)}, LOG)
+    assert out["prolip"] == {"skipped": "tiny-siglip has no last projection to fine-tune: its head ..."}
+    assert out["gda"] == {"failed": "linalg.pinv: The algorithm failed to converge"}
+    assert out["tip_adapter"]["test_acc"] > 0        # the others go on
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_every_method_runs_on_one_or_two_shots_and_on_classes_of_one_image(shots):
+    train, labels = clustered(shots, seed=11)
+    if shots == 2:                                  # class 0 keeps one image only
+        train, labels = train[1:], labels[1:]
+    val, val_labels = clustered(3, seed=12)
+    test, test_labels = clustered(5, seed=13)
+    views = torch.nn.functional.normalize(train + 0.2 * torch.randn(10, *train.shape,
+                                                                    generator=torch.Generator().manual_seed(3)), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(32, 6, generator=torch.Generator().manual_seed(4)), dim=0)
+    data = with_everything(BaselineData(text, train, labels, views, val, val_labels, 100.0, 1), test)
+    out = run_baselines(list(METHODS), replace(data, shots=shots), {"test_acc": (test, test_labels, None)}, LOG)
+    assert {name: r for name, r in out.items() if "test_acc" not in r} == {}
 
 
 def test_a_cache_too_large_for_the_device_is_named(monkeypatch):
@@ -188,11 +240,12 @@ def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_pat
     folder = tmp_path / "out" / "demo" / "tiny-rn_8shots_seed1"
     results = json.loads((folder / "results.json").read_text())
     methods = results["baselines"]
-    assert list(methods) == ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f"]
+    assert list(methods) == list(METHODS)
     assert methods["zero_shot"]["test_acc"] == results["zero_shot_acc"]       # the same features and text
-    for name in ("linear_probe", "tip_adapter", "tip_adapter_f"):
+    for name in ("linear_probe", "tip_adapter", "tip_adapter_f", "gda", "lp_plus_plus", "ape", "clap"):
         assert methods[name]["test_acc"] > 25, (name, methods[name])          # above chance (4 classes)
-        assert "val_acc" in methods[name] and methods[name]["seconds"] >= 0
+    for name in METHODS:
+        assert "val_acc" in methods[name] and methods[name]["seconds"] >= 0, (name, methods[name])
     assert set(methods["tip_adapter"]["hyper"]) == {"a", "b", "ab_source"}
     # evaluating again recomputes nothing: val/test, the few-shot images and their views are cached
     from clip.backbone import FrozenCLIP
@@ -204,6 +257,12 @@ def test_every_run_reports_the_baselines_from_cached_features(demo_root, tmp_pat
     assert not calls
     again = json.loads((folder / "results_eval.json").read_text())["baselines"]
     assert {k: v["test_acc"] for k, v in again.items()} == {k: v["test_acc"] for k, v in methods.items()}
+    # a run that changes only RAFT's own settings reuses every method's result, recorded as reused
+    code, _, err = cli(demo_args(demo_root, tmp_path, "--lr", "0.01", "--output_dir", str(tmp_path / "lr")), capsys)
+    assert code == 0, err
+    reused = json.loads((tmp_path / "lr" / "demo" / "tiny-rn_8shots_seed1" / "results.json").read_text())
+    assert all("reused" in r for r in reused["baselines"].values())
+    assert {k: v["test_acc"] for k, v in reused["baselines"].items()} == {k: v["test_acc"] for k, v in methods.items()}
     # baselines/run.py: the same numbers without training RAFT
     code, out, err = cli(demo_args(demo_root, tmp_path, "--output_dir", str(tmp_path / "alone")), capsys,
                          entry="scripts.run_baselines")

@@ -236,3 +236,26 @@ def test_float16_overflow_under_amp_stops_once_with_the_fix(tiny_clip, tmp_path)
     with pytest.raises(RaftError, match="overflow float16 under mixed precision.*--amp false"):
         build_store(tmp_path / "s", {"key": "k"}, 2, batches, tiny_clip, "s")
     assert calls == [1] and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sizes", [(1, 128), (7, 8), (64, 128)])
+def test_the_trunks_batch_size_keys_the_caches(tiny_clip, demo, tmp_path, sizes):
+    """A batch of one rounds differently in the trunk than a larger one: the stores of two batch
+    sizes are two stores, never one read for the other."""
+    a, b = (eval_store(tiny_clip, demo.test[:9], tmp_path, "t", size, 0, CPU, False) for size in sizes)
+    assert a.path != b.path
+
+
+@pytest.mark.slow
+def test_the_eval_batch_size_is_part_of_a_runs_settings(dtd, tmp_path, capsys):
+    from conftest import ROOT, args_for, cli, one_line_error, run_dir
+    assert cli(args_for(dtd, tmp_path, "--baselines", "[]"), capsys)[0] == 0
+    config = tmp_path / "small.yaml"
+    config.write_text((ROOT / "configs" / "dtd.yaml").read_text() + "eval_batch_size: 1\n")
+    args = args_for(dtd, tmp_path, "--baselines", "[]")
+    code, _, err = cli(["--config", str(config), *args[2:]], capsys)
+    one_line_error(code, err, "holds a finished run with other settings", "eval_batch_size: 128 -> 1")
+    tagged = [a for a in args if a not in ("--name", "")]
+    assert cli([*tagged, "--eval_batch_size", "1"], capsys)[0] == 0
+    folders = [p.parent.name for p in run_dir(tmp_path).parent.glob("*/results.json")]
+    assert len(folders) == 2 and any("eval_batch_size=1" in f or "more-" in f for f in folders), folders

@@ -257,8 +257,8 @@ def test_the_three_validation_rules_are_recorded_and_kept_apart(dtd, tmp_path, c
     assert len(listed["items"]) == 3
     assert none["sizes"]["val"] == 0 and none["alpha_source"] == "config"
     assert none["baselines"]["linear_probe"]["hyper"]["C_source"].startswith("fixed")
-    assert none["baselines"]["tip_adapter"]["hyper"] == {"a": 1.0, "b": 1.0, "ab_source": "fixed: no validation "
-                                                                                           "data (a = b = 1)"}
+    assert none["baselines"]["tip_adapter"]["hyper"] == {"a": 2.0, "b": 1.0, "ab_source": "fixed: no validation "
+                                                         "data (the published initial a, b)"}   # DTD's row
     code, text, _ = cli([str(tmp_path / "out"), "--no-plot"], capsys, entry="scripts.summarize")
     assert code == 0 and "tiny-rn_val-fewshot" in text and "tiny-rn_val-none" in text   # never averaged together
 

@@ -244,3 +244,31 @@ def test_the_reference_augmentation_draws_the_batched_ones_crops_from_full_resol
 def test_bad_augment_values(args, fragment, capsys):
     from conftest import ROOT, cli, one_line_error
     one_line_error(*cli(["--config", str(ROOT / "configs/dtd.yaml"), *args], capsys)[::2], fragment)
+
+
+@pytest.mark.slow
+def test_import_again_with_force_replaces_the_pool_with_the_new_import_never_a_trained_one(dtd, tmp_path, capsys,
+                                                                                             tiny_clip):
+    import json
+    import sys
+    from conftest import ROOT, args_for
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import import_published  # noqa: E402
+    from utils import run_main
+    argv = [a for a in args_for(dtd, tmp_path, "--baselines", "[]") if a not in ("--name", "")]
+    folder = tmp_path / "out" / "dtd" / "tiny-rn_4shots_seed1_published"
+    imported = []
+    for seed, extra in ((1, []), (2, ["--force"])):
+        gen = torch.Generator().manual_seed(seed)
+        source = make_region_pool(tiny_clip, False, "float16_published")
+        source.load_state_dict({k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).half()
+                                for k, v in source.state_dict().items()})
+        path = tmp_path / f"import{seed}.pth"
+        published_file(source.state_dict(), path)
+        assert run_main(import_published.main, [str(path), *argv, *extra]) == 0, capsys.readouterr().err
+        imported.append(source.state_dict())
+        ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert all(torch.equal(ckpt["pool"][k], v) for k, v in imported[-1].items())   # the import, untouched
+        results = json.loads((folder / "results.json").read_text())
+        assert results["imported_from"]["path"] == str(path.resolve()) and results["train_seconds"] is None
+    assert not all(torch.equal(imported[0][k], imported[1][k]) for k in imported[0])

@@ -131,3 +131,24 @@ def test_damaged_results_files_are_named_and_left_out_the_summary_goes_on(tmp_pa
     skipped = [line for line in err.splitlines() if line.startswith("skipping ")]
     assert len(skipped) == len(damaged) + 1 and all("RN50_16shots_seed" in line for line in skipped)
     assert "Traceback" not in err and "| 16 | 70.00 ± 0.00 |" in out
+
+
+def test_failed_and_skipped_methods_are_shown_so_and_published_numbers_beside_them(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, gda in ((1, {"test_acc": 70.0}), (2, {"failed": "linalg.pinv: did not converge"})):
+        methods = {"zero_shot": {"test_acc": 40.0}, "gda": gda, "prolip": {"skipped": "no last projection"},
+                   "tip_adapter_f": {"test_acc": 66.0 + seed}}
+        result(root, f"dtd/RN50_16shots_seed{seed}", dataset="dtd", shots=16, seed=seed, test_acc=72.0,
+               baselines=methods)
+    out, err = summarize(root, tmp_path, capsys)
+    md = (tmp_path / "sum" / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| dataset | shots | RAFT"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in md.splitlines() if line.startswith("| dtd | 16 |") and "failed" in line)
+    cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["GDA"] == "70.00 (1 failed)" and cells["ProLIP"] == "skipped"
+    assert cells["Tip-Adapter-F"].startswith("67.50 ± 0.50")
+    paper = next(line for line in md.splitlines() if line.startswith("| *published, RN50* | 16 |"))
+    cells = dict(zip(columns, (c.strip() for c in paper.strip("|").split("|"))))
+    assert cells["GDA"] == "*76.05*" and cells["Tip-Adapter-F"] == "*75.83*" and cells["ProLIP"] == "–"
+    assert "damaged" not in err and "skipping" not in err

@@ -140,3 +140,22 @@ def test_the_slurm_scripts_help_shows_its_sbatch_lines():
     done = subprocess.run(["bash", str(ROOT / "scripts/slurm_array.sh"), "--help"], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0 and "#SBATCH --gres=gpu:1" in done.stdout and "\nSBATCH" not in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["link", "birds_v2"])
+def test_a_folder_dataset_behind_a_symlink_is_one_run_for_main_and_pending(dtd, tmp_path, capsys, given):
+    """One rule names a folder dataset's runs (the path as given; resolved only for . and ..):
+    a run finished through a symlink is not listed as pending again."""
+    from conftest import cli, folder_copy
+    target = folder_copy(dtd, tmp_path / "birds_v2")
+    (tmp_path / "link").symlink_to(target)
+    data = str(tmp_path / given)
+    common = ["--data_path", data, "--backbone", "tiny-rn", "--weights", "null", "--calibrate_bn", "true",
+              "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--train_epoch", "2",
+              "--warmup_epoch", "1", "--batch_size", "8", "--num_workers", "0", "--baselines", "[]", "--name", ""]
+    assert cli(["--config", str(ROOT / "configs/folder.yaml"), "--shots", "2", *common], capsys)[0] == 0
+    listed = subprocess.run([sys.executable, str(ROOT / "scripts/pending.py"), "folder", "2", "1", *common],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert listed.returncode == 0 and listed.stdout.strip() == "", (listed.stdout, listed.stderr)
+    assert "1 of 1 run already finished" in listed.stderr

@@ -85,16 +85,17 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
 
 def view_store(clip, items: list[Datum], views: int, seed: int, cache_dir: str | Path, name: str,
                device: torch.device, amp: bool, num_workers: int | str, batch_size: int,
-               scale: tuple[float, float] = CROP_SCALE, keep_maps: bool = True) -> FeatureStore:
+               scale: tuple[float, float] = CROP_SCALE, keep_maps: bool | str = True) -> FeatureStore:
     """``views`` augmented views of every image through the frozen trunk, computed once and
     cached (rows: view 0 of every image, then view 1, ...). ``keep_maps=False`` keeps only
-    CLIP's own feature ``v0`` (Tip-Adapter's views), not the trunk outputs."""
+    CLIP's own feature ``v0`` (Tip-Adapter's views), not the trunk outputs; ``"pre"`` keeps, in
+    the maps' place, what CLIP's last projection reads (ProLIP's features, float32)."""
     margin = math.sqrt(scale[0] * CROP_RATIO[0])   # the smallest crop's side over the image's shorter side
     parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp and device.type == "cuda",
              batch_size]
     key = sha256_text("train-views", CACHE_VERSION, clip.backbone, clip.fingerprint(), file_stamps(items),
-                      *parts, *([] if keep_maps else ["v0 only"]))
-    kind = "views" if keep_maps else "v0views"
+                      *parts, *({True: [], False: ["v0 only"], "pre": ["before the last projection"]}[keep_maps]))
+    kind = {True: "views", False: "v0views", "pre": "previews"}[keep_maps]
     path = Path(cache_dir) / "features" / f"{name}_{kind}{views}_{clip.backbone}_{key[:20]}"
     return cached_store(path, key, lambda: build_views(clip, items, views, seed, path, key, kind, device, amp,
                                                        num_workers, batch_size, scale, margin, keep_maps),
@@ -124,11 +125,14 @@ def build_views(clip, items, views, seed, path, key, kind, device, amp, num_work
                         batch, rows = prepared.finish(device, amp), slice(s, s + batch_size)
                 with autocast(device, amp):
                     fmap, v0 = clip.encode_image(batch)
+                    if keep_maps == "pre":
+                        fmap = clip.before_projection(fmap)
                 yield fmap, v0, labels[rows]
 
+    map_shape = (clip.last_layer()[0].shape[0],) if keep_maps == "pre" else None if keep_maps else NO_MAPS
     store = build_store(path, {"key": key, "kind": f"train-{kind}", "views": views, "images": len(items),
                                "crop_scale": list(scale)},
-                        views * len(items), batches, clip, f"features: {views} views",
-                        None if keep_maps else NO_MAPS)
+                        views * len(items), batches, clip, f"features: {views} views", map_shape,
+                        float32=keep_maps == "pre")
     log.info(f"{views} augmented views of {len(items)} images computed in {time.perf_counter() - start:.1f}s ({path})")
     return store

@@ -297,7 +297,7 @@ class Progress:
 
 
 def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str,
-                map_shape: tuple | None = None) -> FeatureStore:
+                map_shape: tuple | None = None, float32: bool = False) -> FeatureStore:
     """Run ``batches(skipped)`` (an iterable factory of (fmap, v0, labels) that appends the
     images it could not read to ``skipped``) into a store; float16 maps unless a value
     overflows float16, then float32. ``map_shape``: one row's trunk output (default: the model's).
@@ -305,7 +305,7 @@ def build_store(final: Path, manifest: dict, rows: int, batches, clip, desc: str
     in order and alone writes, the others open the store once it is in place."""
     world = WORLD
     map_shape = tuple(clip.feature_shape) if map_shape is None else map_shape
-    for dtype in (np.float16, np.float32):
+    for dtype in (np.float32,) if float32 else (np.float16, np.float32):
         writer = StoreWriter(final, rows, map_shape, clip.embed_dim, np.dtype(dtype)) if world.main else None
         try:
             skipped = []

@@ -59,8 +59,9 @@ def record_problem(r) -> str | None:
     for name, part in (r.get("shift") or {}).items():
         checks.append((f"shift.{name}", isinstance(part, dict) and accuracy(part.get("test_acc"))
                        and accuracy(part.get("zero_shot_acc"))))
-    for name, part in (r.get("baselines") or {}).items():
-        checks.append((f"baselines.{name}", isinstance(part, dict) and accuracy(part.get("test_acc"))))
+    for name, part in (r.get("baselines") or {}).items():   # a number, or why there is none
+        checks.append((f"baselines.{name}", isinstance(part, dict) and (
+            accuracy(part.get("test_acc")) or isinstance(part.get("failed", part.get("skipped")), str))))
     if r.get("protocol") == "base2new":
         parts = r.get("base2new") or {}
         checks += [(f"base2new.{p}", isinstance(parts.get(p), dict) and accuracy(parts[p].get("test_acc"))
@@ -98,11 +99,14 @@ def record(r: dict, path: Path) -> dict:
 
 
 def method_row(r: dict, base: dict, raft: float | None) -> dict:
-    """Each method's test accuracy in one run (RAFT's too when it ran)."""
-    accs = {name: float(m["test_acc"]) for name, m in r["baselines"].items()}
+    """Each method's test accuracy in one run (RAFT's too when it ran); a method without one is
+    kept as failed or skipped (shown so, never dropped)."""
+    accs = {name: float(m["test_acc"]) for name, m in r["baselines"].items() if "test_acc" in m}
     if raft is not None:
         accs["raft"] = raft
-    return base | {"accs": accs}
+    states = {name: "failed" if "failed" in m else "skipped" for name, m in r["baselines"].items()
+              if "test_acc" not in m}
+    return base | {"accs": accs, "states": states}
 
 
 def collect(root: Path) -> dict[str, dict[str, list[dict]]]:

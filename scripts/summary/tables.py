@@ -28,6 +28,16 @@ def method_label(name: str) -> str:
     return "RAFT" if name == RAFT else baselines.label(name)
 
 
+def published_number(method: str, backbone: str, shots: int) -> float | None:
+    """The average a method's paper reports for a backbone (named as open_clip or OpenAI's
+    package names it: ViT-B-16 or ViT-B/16) and shot count, if the registry records one."""
+    entry = baselines.METHODS.get(method)
+    for (name, at), value in (entry.published if entry else {}).items():
+        if at == shots and name.replace("/", "-") == backbone.replace("/", "-"):
+            return value
+    return None
+
+
 def method_order(names) -> list[str]:
     """RAFT, then the registered methods in the registry's order, then any other a results file
     holds (another version's, a method since removed), by name: shown under its key, never dropped."""
@@ -277,17 +287,25 @@ def transfer_table(rows: list[dict], group: str, spread: Spread) -> Table:
 def methods_table(rows: list[dict], group: str, spread: Spread) -> tuple[Table, dict]:
     """RAFT and the baselines per dataset and shot count; an average row per shot count once
     every dataset has a number (and the curve the plot draws)."""
-    methods = method_order(m for r in rows for m in r["accs"])
+    methods = method_order({m for r in rows for m in (*r["accs"], *r.get("states", {}))})
     datasets = ordered((r["dataset"] for r in rows), DATASET_ORDER)
     shots = sorted({r["shots"] for r in rows})
     cells = {(d, s, m): [r["accs"][m] for r in rows if r["dataset"] == d and r["shots"] == s and m in r["accs"]]
              for d in datasets for s in shots for m in methods}
+    states = {(d, s, m): [r["states"][m] for r in rows if r["dataset"] == d and r["shots"] == s
+                          and m in r.get("states", {})] for d in datasets for s in shots for m in methods}
+
+    def cell(key) -> str:   # mean ± spread over seeds; a run without a number says why
+        values, missing = cells[key], states[key]
+        if not values:
+            return " / ".join(sorted(set(missing))) if missing else "–"
+        return fmt(spread.cell(values)) + (f" ({len(missing)} {'/'.join(sorted(set(missing)))})" if missing else "")
+
     body, csv_rows, curve = [], [], {m: {} for m in methods}
     for d in datasets:
         for s in shots:
-            if any(cells[(d, s, m)] for m in methods):
-                body.append([d, str(s), *(fmt(spread.cell(cells[(d, s, m)])) if cells[(d, s, m)] else "–"
-                                          for m in methods)])
+            if any(cells[(d, s, m)] or states[(d, s, m)] for m in methods):
+                body.append([d, str(s), *(cell((d, s, m)) for m in methods)])
                 csv_rows += [[group, d, s, m, len(cells[(d, s, m)]), f"{statistics.fmean(cells[(d, s, m)]):.4f}"]
                              for m in methods if cells[(d, s, m)]]
     for s in shots:
@@ -298,10 +316,17 @@ def methods_table(rows: list[dict], group: str, spread: Spread) -> tuple[Table, 
         if len(datasets) > 1:
             body.append(["**Average**", str(s), *(fmt_mean(curve[m].get(s)) for m in methods)])
             csv_rows += [[group, "average", s, m, "", f"{curve[m][s]:.4f}"] for m in methods if s in curve[m]]
+    for backbone in sorted({r["backbone"] for r in rows}):
+        for s in shots:
+            papers = [published_number(m, backbone, s) for m in methods]
+            if any(p is not None for p in papers):
+                body.append([f"*published, {backbone}*", str(s), *("–" if p is None else f"*{p:.2f}*" for p in papers)])
     table = Table(f"{group}: RAFT and the baselines ({len(rows)} run{'s' if len(rows) != 1 else ''})",
                   ["dataset", "shots", *(method_label(m) for m in methods)], body,
                   [f"Test top-1 accuracy (%), {spread.note()}. Every method on the same few-shot images, the same "
                    "CLIP features and text, its hyper-parameters chosen on validation data (doc/baselines.md); "
-                   "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones.", *oracle_note(rows)],
+                   "Tip-Adapter-F trains on 10 cached augmented views, not fresh ones. *published*: the 11-dataset "
+                   "average each method's paper or repository reports at that backbone and shot count (sources in "
+                   "doc/baselines.md).", *oracle_note(rows)],
                   ["group", "dataset", "shots", "method", "runs", "mean"], csv_rows)
     return table, curve
