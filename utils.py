@@ -19,6 +19,7 @@ import os
 import pickle
 import queue
 import random
+import shutil
 import signal
 import stat
 import sys
@@ -327,6 +328,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA kernel driver is loaded (whatever torch was built for)."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
 def resolve_device(name: str):
     """The device to run on, made current when it is a GPU (so that every CUDA context,
     pinned-memory threads' included, opens on it and not on GPU 0)."""
@@ -338,6 +344,10 @@ def resolve_device(name: str):
     except (RuntimeError, ValueError):
         raise RaftError(f"device '{name}' is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda":
+        if not torch.cuda.is_available() and torch.version.cuda is None and nvidia_driver_present():
+            raise RaftError(f"device '{name}' requested: this machine has an NVIDIA driver but torch {torch.__version__} "
+                            f"is a CPU build; install a CUDA build (pip install torch torchvision --index-url "
+                            f"https://download.pytorch.org/whl/cu124), or use --device cpu")
         if not torch.cuda.is_available():
             raise RaftError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
         count = torch.cuda.device_count()
@@ -350,11 +360,33 @@ def resolve_device(name: str):
     return device
 
 
+AMP_DTYPES = ("float16", "bfloat16")
+_amp_dtype = "float16"   # the run's `amp_dtype`, set once by its setup (set_amp_dtype)
+
+
+def set_amp_dtype(name: str) -> None:
+    if name not in AMP_DTYPES:
+        raise RaftError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {printable(repr(name))}")
+    global _amp_dtype
+    _amp_dtype = name
+
+
+def amp_dtype() -> str:
+    return _amp_dtype
+
+
+def amp_identity(device, enabled: bool) -> str | bool:
+    """What mixed precision makes of a computation, for cache keys: the autocast dtype on
+    CUDA, False where none is used (CPU runs in float32)."""
+    return _amp_dtype if enabled and device.type == "cuda" else False
+
+
 def autocast(device, enabled: bool):
-    """fp16 autocast on CUDA only (mixed precision); CPU runs in fp32."""
+    """Autocast to the run's ``amp_dtype`` (float16 or bfloat16) on CUDA only (mixed precision);
+    CPU runs in float32."""
     import torch
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=getattr(torch, _amp_dtype))
     return nullcontext()
 
 

@@ -40,10 +40,31 @@ METHODS: dict[str, type[Baseline]] = {cls.name: cls for cls in (
 )}
 
 
+# The methods that train inside CLIP (run/methods.py; the `method` config key, their own run
+# folders): how tables show them, and the 11-dataset averages their papers report.
+INSIDE = {
+    "coop": ("CoOp", {("RN50", 16): 73.45, ("ViT-B/16", 16): 79.01}),   # Zhou et al., IJCV 2022
+}
+
+
 def label(name: str) -> str:
-    """How a method is shown in tables and plots: its own label, else its key (never left out)."""
+    """How a method is shown in tables and plots: its own label, else its key (never left out);
+    a method inside CLIP with options other than its published ones: its label and them
+    (``coop-ctx4-csc`` -> 'CoOp (ctx4-csc)')."""
     method = METHODS.get(name)
-    return method.label if method is not None and method.label else name
+    if method is not None:
+        return method.label or name
+    base, _, options = name.partition("-")
+    if base in INSIDE:
+        return INSIDE[base][0] + (f" ({options})" if options else "")
+    return name
+
+
+def published(name: str) -> dict:
+    """(backbone, shots) -> the average a method's paper reports (doc/baselines.md)."""
+    if name in METHODS:
+        return METHODS[name].published
+    return INSIDE.get(name.partition("-")[0], ("", {}))[1] if "-" not in name else {}
 
 
 def run_baselines(names: list[str], data: BaselineData,
@@ -108,4 +129,4 @@ def measure_one(name: str, method: Baseline, data: BaselineData, targets: dict, 
     return result
 
 
-__all__ = ["METHODS", "Baseline", "BaselineData", "accuracy", "label", "run_baselines"]
+__all__ = ["INSIDE", "METHODS", "Baseline", "BaselineData", "accuracy", "label", "published", "run_baselines"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Baseline, BaselineData, batches_of, correct, epoch_orders, published_grid
-from .tip_adapter import cache_keys
+from .tip_adapter import cache_keys, cache_term, grid_counts
 
 BATCH = 256
 
@@ -134,28 +134,27 @@ class APE(Baseline):
                       "channels": len(self.channels)}
 
     def _cache(self, features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+        """The cache's logits, ``exp(-β(1 - f'K'ᵀ)) · (L ⊙ exp(γ·KL))``, as a per-class sum over the keys."""
         refined = F.normalize(features.float()[:, self.channels], dim=-1)
-        soft = self.values * (self.divergence * gamma).exp()
-        return ((-1) * (beta - beta * (refined @ self.refined_keys.T))).exp() @ soft
+        return cache_term(refined, self.refined_keys, self.labels, len(self.values[0]), beta, self.soft(gamma))
+
+    def soft(self, gamma: float) -> torch.Tensor:
+        """Each key's weight in the soft cache values: ``exp(γ · KL(L ‖ zero-shot))``."""
+        return (self.divergence[:, 0] * gamma).exp()
 
     def choose(self, data: BaselineData) -> dict:
         if data.val is None:
             return dict(self.hyper)
         betas, alphas, gammas = self.settings.grids()
-        zero_shot = 100.0 * data.val.float() @ data.text.float()
-        affinity = F.normalize(data.val.float()[:, self.channels], dim=-1) @ self.refined_keys.T
-        a = torch.tensor(alphas, device=zero_shot.device).view(-1, 1, 1)
+        refined = F.normalize(data.val.float()[:, self.channels], dim=-1)
+        counts = grid_counts(data, self.refined_keys, self.labels, betas, alphas, [self.soft(g) for g in gammas],
+                             val=refined, zero_shot=100.0 * data.val.float() @ data.text.float()).tolist()
         best = (0, 0.0, 0.0, 0.0)
-        for beta in betas:   # the published loops: β, then α, then γ; strictly better replaces
-            decayed = ((-1) * (beta - beta * affinity)).exp()
-            counts = []
-            for gamma in gammas:
-                cache = decayed @ (self.values * (self.divergence * gamma).exp())
-                counts.append(((zero_shot + a * cache).argmax(-1) == data.val_labels).sum(-1).tolist())
-            for i, alpha in enumerate(alphas):
+        for i, beta in enumerate(betas):   # the published loops: β, then α, then γ; strictly better replaces
+            for k, alpha in enumerate(alphas):
                 for j, gamma in enumerate(gammas):
-                    if counts[j][i] > best[0]:
-                        best = (counts[j][i], beta, alpha, gamma)
+                    if counts[i][j][k] > best[0]:
+                        best = (counts[i][j][k], beta, alpha, gamma)
         self.hyper |= {"beta": best[1], "alpha": best[2], "gamma": best[3], "source": "val"}
         return dict(self.hyper)
 
@@ -216,11 +215,11 @@ class APET(Baseline):
         new_keys[:, channels] = keys[:, channels] + res[labels]   # equal shots, also right when classes differ)
         new_text = text.clone()
         new_text[channels, :] = text[channels, :] + res.T
-        return new_keys, new_text, values * value_weights
+        return new_keys, new_text, value_weights[:, 0]
 
     def _logits(self, features, res, value_weights, beta, alpha) -> torch.Tensor:
-        keys, text, values = self._adapted(res, value_weights)
-        cache = ((-1) * (beta - beta * (features @ keys.T))).exp() @ values
+        keys, text, weights = self._adapted(res, value_weights)
+        cache = cache_term(features, keys, self.parts[4], text.shape[1], beta, weights)
         return 100.0 * features @ text + cache * alpha
 
     def choose(self, data: BaselineData) -> dict:
@@ -228,17 +227,14 @@ class APET(Baseline):
         if data.val is None:
             return epoch | self.ab
         betas, alphas, _ = self.settings.grids()
-        keys, text, values = self._adapted(*self.trained)
-        affinity = data.val.float() @ keys.T
-        zero_shot = 100.0 * data.val.float() @ text
-        a = torch.tensor(alphas, device=zero_shot.device).view(-1, 1, 1)
+        keys, text, weights = self._adapted(*self.trained)
+        counts = grid_counts(data, keys, self.parts[4], betas, alphas, [weights], val=data.val.float(),
+                             zero_shot=100.0 * data.val.float() @ text)[:, 0].tolist()
         best = (0, 0.0, 0.0)
-        for beta in betas:
-            cache = ((-1) * (beta - beta * affinity)).exp() @ values
-            counts = ((zero_shot + cache * a).argmax(-1) == data.val_labels).sum(-1).tolist()
-            for i, alpha in enumerate(alphas):
-                if counts[i] > best[0]:
-                    best = (counts[i], beta, alpha)
+        for i, beta in enumerate(betas):
+            for k, alpha in enumerate(alphas):
+                if counts[i][k] > best[0]:
+                    best = (counts[i][k], beta, alpha)
         self.ab = {"beta": best[1], "alpha": best[2], "ab_source": "val"}
         return epoch | self.ab
 

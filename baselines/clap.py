@@ -23,10 +23,21 @@ from .base import Baseline, BaselineData, dassl_lr
 LR, MOMENTUM, EPOCHS, BATCH = 0.1, 0.9, 300, 256
 
 
-def class_multipliers(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """λ_c: zero-shot CLIP's mean softmax probability of class c over class c's samples."""
-    one_hot = F.one_hot(labels, num_classes).float()
-    return torch.diag(logits.softmax(-1).T @ one_hot) / one_hot.sum(0)
+CHUNK = 1 << 22   # logits per chunk of samples while the multipliers are summed (16 MiB)
+
+
+def class_multipliers(features: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """λ_c: zero-shot CLIP's mean softmax probability of class c over class c's samples (the
+    published ``diag(softmax(logits)ᵀ · onehot) / counts``, summed chunk by chunk: 20 views of
+    16,000 images against 1000 classes are 1.3 GB of logits at once)."""
+    classes = base.shape[0]
+    sums = features.new_zeros(classes)
+    rows = max(1, CHUNK // classes)
+    for start in range(0, len(features), rows):
+        y = labels[start:start + rows]
+        p = scores(features[start:start + rows], base, scale).softmax(-1)
+        sums.index_add_(0, y, p[torch.arange(len(y), device=p.device), y])
+    return sums / torch.bincount(labels, minlength=classes).to(sums.dtype)
 
 
 def scores(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,8 +61,7 @@ class CLAP(Baseline):
         features = views.reshape(-1, views.shape[-1]).float()                 # view 0 of every image, then view 1 ...
         labels = data.train_labels.repeat(len(views))
         base = data.text.float().T                                               # C×D
-        zero_shot = scores(features, base, data.scale)
-        self.multipliers = class_multipliers(zero_shot, labels, data.num_classes)
+        self.multipliers = class_multipliers(features, base, labels, data.scale)
         prototypes = base.clone().requires_grad_(True)
         optimizer = torch.optim.SGD([prototypes], lr=LR, momentum=MOMENTUM, weight_decay=0.0)
         rng = np.random.RandomState(data.seed)

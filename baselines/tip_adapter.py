@@ -85,17 +85,19 @@ def check_fits(keys: torch.Tensor, device: torch.device) -> None:
 
 
 def cache_term(features: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, num_classes: int,
-               b: float) -> torch.Tensor:
-    """``exp(-b · (1 - f · Kᵀ)) · L`` for every row of ``features``: ``M×C``. Without a gradient to
-    keep (evaluation, Tip-Adapter-F's per-epoch validation) the chunks are computed in place in
-    one buffer: the same operations in the same order, without four chunk-sized temporaries
-    freed and allocated again per chunk (page faults, not arithmetic)."""
+               b: float, key_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(-b · (1 - f · Kᵀ)) · L`` for every row of ``features``: ``M×C`` (``key_weights``: L's
+    rows weighted, APE's soft values). Without a gradient to keep (evaluation, Tip-Adapter-F's
+    per-epoch validation) the chunks are computed in place in one buffer: the same operations in
+    the same order, without four chunk-sized temporaries freed and allocated again per chunk
+    (page faults, not arithmetic)."""
     out = features.new_zeros(len(features), num_classes)
     rows = max(1, CHUNK // max(1, len(keys)))
-    if torch.is_grad_enabled() and (features.requires_grad or keys.requires_grad):   # training: autograd
+    trains = key_weights is not None and key_weights.requires_grad
+    if torch.is_grad_enabled() and (features.requires_grad or keys.requires_grad or trains):   # training: autograd
         for start in range(0, len(features), rows):
-            affinity = features[start:start + rows] @ keys.T
-            out[start:start + rows].index_add_(1, key_labels, torch.exp(-b * (1.0 - affinity)))
+            decayed = torch.exp(-b * (1.0 - features[start:start + rows] @ keys.T))
+            out[start:start + rows].index_add_(1, key_labels, decayed if key_weights is None else decayed * key_weights)
         return out
     work = features.new_empty(min(rows, len(features)), len(keys))
     for start in range(0, len(features), rows):
@@ -103,7 +105,8 @@ def cache_term(features: torch.Tensor, keys: torch.Tensor, key_labels: torch.Ten
         w = work[:len(chunk)]
         torch.matmul(chunk, keys.T, out=w)
         torch.sub(1.0, w, out=w)
-        out[start:start + rows].index_add_(1, key_labels, w.mul_(-b).exp_())
+        w.mul_(-b).exp_()
+        out[start:start + rows].index_add_(1, key_labels, w if key_weights is None else w.mul_(key_weights))
     return out
 
 
@@ -113,23 +116,32 @@ def tip_logits(data: BaselineData, features: torch.Tensor, keys: torch.Tensor, k
 
 
 def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor,
-                b_grid: list[float] = B_GRID, a_grid: list[float] = A_GRID) -> torch.Tensor:
-    """Correct validation predictions for every (b, a) of the grid: ``len(b_grid) × len(a_grid)``.
+                b_grid: list[float] = B_GRID, a_grid: list[float] = A_GRID, key_weights: list[torch.Tensor] | None = None,
+                val: torch.Tensor | None = None, zero_shot: torch.Tensor | None = None) -> torch.Tensor:
+    """Correct validation predictions for every (b, a) of the grid: ``len(b_grid) × len(a_grid)``;
+    with ``key_weights`` (APE: one weight per key for each γ) every (b, weights, a):
+    ``len(b_grid) × len(key_weights) × len(a_grid)``. ``val``, ``zero_shot``: other validation
+    features and zero-shot logits than ``data``'s (APE's refined channels, APE-T's adapted text).
 
     What does not depend on a grid value is computed once per chunk of validation images: the
     affinities ``1 − f·Kᵀ`` (one product, not one per b) and the zero-shot logits; per b one
-    exponential pass over them, per a one blend. Every buffer is allocated once, before the
-    loops (large temporaries freed and allocated again cost page faults, not arithmetic), and
-    the chunks bound the memory. The same operations, in the same order, as ``tip_logits``."""
-    val, labels = data.val, data.val_labels
+    exponential pass over them, per weight vector one per-class sum (``index_add``: the product
+    with one-hot values, without a ``keys × classes`` matrix), per a one blend. Every buffer is
+    allocated once, before the loops (large temporaries freed and allocated again cost page
+    faults, not arithmetic), and the chunks bound the memory."""
+    val = data.val if val is None else val
+    labels = data.val_labels
     classes, a_values = data.num_classes, len(a_grid)
+    weighted = key_weights is not None
+    weights = key_weights if weighted else [None]
     rows = max(1, CHUNK // max(1, len(keys)))                 # cache_term's chunks: the same products
     blend_rows = max(1, CHUNK // max(1, a_values * classes))
     a = torch.tensor(a_grid, dtype=val.dtype, device=val.device).view(-1, 1, 1)
-    counts = torch.zeros(len(b_grid), a_values, dtype=torch.long, device=val.device)
-    zero_shot = data.zero_shot_logits(val)
+    counts = torch.zeros(len(b_grid), len(weights), a_values, dtype=torch.long, device=val.device)
+    zero_shot = data.zero_shot_logits(val) if zero_shot is None else zero_shot
     distance = val.new_empty(min(rows, len(val)), len(keys))
     decayed = torch.empty_like(distance)
+    scaled = torch.empty_like(distance) if weighted else None
     cache = val.new_empty(len(distance), classes)
     blend = val.new_empty(a_values, min(blend_rows, len(distance)), classes)
     for start in range(0, len(val), rows):
@@ -139,13 +151,14 @@ def grid_counts(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor
         torch.sub(1.0, d, out=d)                                       # 1 − f·Kᵀ, once for every b
         for i, b in enumerate(b_grid):
             torch.mul(d, -b, out=e).exp_()
-            c.zero_().index_add_(1, key_labels, e)
-            for first in range(0, n, blend_rows):                      # zero_shot + a · cache, every a
-                k = min(blend_rows, n - first)
-                m = torch.mul(c[first:first + k].unsqueeze(0), a, out=blend[:, :k])
-                m.add_(zero_shot[start + first:start + first + k])
-                counts[i] += (m.argmax(-1) == labels[start + first:start + first + k]).sum(-1)
-    return counts
+            for j, w in enumerate(weights):
+                c.zero_().index_add_(1, key_labels, e if w is None else torch.mul(e, w, out=scaled[:n]))
+                for first in range(0, n, blend_rows):                  # zero_shot + a · cache, every a
+                    k = min(blend_rows, n - first)
+                    m = torch.mul(c[first:first + k].unsqueeze(0), a, out=blend[:, :k])
+                    m.add_(zero_shot[start + first:start + first + k])
+                    counts[i, j] += (m.argmax(-1) == labels[start + first:start + first + k]).sum(-1)
+    return counts if weighted else counts[:, 0]
 
 
 def search_ab(data: BaselineData, keys: torch.Tensor, key_labels: torch.Tensor,

@@ -25,7 +25,9 @@ runs on one synthetic JPEG dataset in the CoOp layout (generated under --work). 
    a repeated evaluation on a cached test set vs recomputing it;
 5. `augment: published` (the published augmentation: every image read again every epoch, one
    PIL resampling from full resolution) vs the default batched one: epoch time, and how far
-   the two lie apart in pixels for the same crop boxes.
+   the two lie apart in pixels for the same crop boxes;
+6. the methods that train: RAFT's step against CoOp's on the same batch (`--method coop`),
+   time, the frozen trunk's share, peak GPU memory, and the ratio.
 """
 from __future__ import annotations
 
@@ -188,6 +190,50 @@ def bench_pool(clip, device, batch, reps):
     t = {k: statistics.median(v) for k, v in times.items()}
     return {"batch": batch, "seconds": t, "gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
             "time_ratio": t["all-token"] / t["folded"], "flop_ratio": flops["all-token"] / flops["folded"]}
+
+
+def bench_methods(clip, text, classnames, cfg, device, amp, batch, reps):
+    """RAFT's step against CoOp's on the same batch of images (the frozen trunk's forward, then
+    what each trains: RAFT's pool forward and backward; CoOp's prompts through the text encoder,
+    once per class, forward and backward): time per step, the trunk's share, peak memory."""
+    from types import SimpleNamespace
+    from run.methods import CoOpLearner
+    from clip.prompts import PromptLearner, text_tower
+    images = torch.randn(batch, 3, clip.image_size, clip.image_size, device=device)
+    labels = torch.arange(batch, device=device) % len(classnames)
+    raft = training.RaftLearner(clip.region_pool().to(device), text, numerics_of("float32"), cfg, device, amp)
+    torch.manual_seed(0)
+    prompts = PromptLearner(text_tower(clip.model, clip.backbone), clip.tokenizer, classnames).to(device)
+    coop = CoOpLearner(prompts, SimpleNamespace(clip=clip), cfg, device, amp, None)
+
+    def trunk():
+        with torch.no_grad(), engine_autocast(device, amp):
+            return clip.encode_image(images)
+
+    def step(learner):
+        fmap, v0 = trunk()
+        loss, _, _ = learner.loss(fmap, v0, labels, batch)
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        learner.optimizer.step()
+
+    out = {}
+    for name, learner in (("raft", raft), ("coop", coop)):
+        step(learner)   # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = statistics.median(timed(lambda: step(learner), device)[0] for _ in range(reps))
+        trunk_s = statistics.median(timed(trunk, device)[0] for _ in range(reps))
+        out[name] = {"step_seconds": seconds, "trunk_share": min(1.0, trunk_s / seconds),
+                     "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    out["coop_over_raft"] = out["coop"]["step_seconds"] / out["raft"]["step_seconds"]
+    out["classes"], out["batch"] = len(classnames), batch
+    return out
+
+
+def engine_autocast(device, amp):
+    from utils import autocast
+    return autocast(device, amp)
 
 
 def bench_epoch(clip, plain_model, text, items, cfg, device, amp, workers, reps=3):
@@ -458,6 +504,16 @@ def main(argv: list[str] | None = None):
     results["eval"] = ev = bench_eval(clip, text, data.test, device, amp, args.workers, work / "eval_cache", args.batch)
     print(f"    repeated evaluation of {ev['images']} test images: recompute {ev['recompute_seconds']:.2f}s vs "
           f"cached {ev['cached_seconds']:.3f}s -> {ev['ratio']:.0f}x")
+    results["methods"] = mm = bench_methods(clip, text, data.classnames, cfg, device, amp, args.batch, args.reps)
+    print(f"[6] one training step, batch {mm['batch']}, {mm['classes']} classes: RAFT {mm['raft']['step_seconds'] * 1e3:.1f} ms "
+          f"(trunk {100 * mm['raft']['trunk_share']:.0f}%) vs CoOp {mm['coop']['step_seconds'] * 1e3:.1f} ms (trunk "
+          f"{100 * mm['coop']['trunk_share']:.0f}%; its text encoder runs once per class) -> CoOp/RAFT "
+          f"{mm['coop_over_raft']:.2f}x" + ("" if device.type != "cuda" else
+                                           f"; peak GPU memory RAFT {mm['raft']['peak_gpu_mb']:.0f} MiB, CoOp "
+                                           f"{mm['coop']['peak_gpu_mb']:.0f} MiB"))
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        print(f"    peak GPU memory allocated: {results['peak_gpu_mb']:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwork folder: {work}")

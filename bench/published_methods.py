@@ -56,7 +56,9 @@ REPOSITORIES = {   # checkout folder: (GitHub repository, commit)
     "TaskRes": ("geekyutao/TaskRes", "5195359661d6bef661090c33b81aacfc7d7cc181"),
     "CLIP-Adapter": ("gaopengcuhk/CLIP-Adapter", "08d07f8b2ecafc6f1479fe636b26d464d7a5574e"),
     "Dassl.pytorch": ("KaiyangZhou/Dassl.pytorch", "c61a1b570ac6333bd50fb5ae06aea59002fb20bb"),
+    "CoOp": ("KaiyangZhou/CoOp", "ff61507c790454bce7c5052c3ac39e60772f1f89"),
 }
+COOP_MODEL = ROOT / "tests" / "fixtures" / "published" / "coop-model.json"   # text width 128: OpenAI's heads = width / 64
 
 
 # --------------------------------------------------------------------------- reading published code
@@ -524,8 +526,115 @@ def run_prolip(published: Path) -> dict:
     return out
 
 
+def package(name: str, folder: Path):
+    """A published repository's package imported under another name (CoOp's ``clip`` is OpenAI's,
+    which this project's own ``clip`` would shadow)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+COOP_CLASSES = ["red circle", "blue_square", "green triangle with stripes", "dog", "a very long class name here"]
+
+
+def coop_inputs(seed: int, steps: int, classes: int, images: int, dim: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat(images // classes + 1)[:images]
+    return {"features": [torch.randn(images, dim, generator=gen) for _ in range(steps)],
+            "labels": [labels[torch.randperm(images, generator=gen)] for _ in range(steps)]}
+
+
+def run_coop(published: Path) -> dict:
+    """CoOp's PromptLearner, TextEncoder and CustomCLIP, and its trainer's step with Dassl's
+    TrainerX loop, on OpenAI's CLIP (CoOp's vendored ``clip``) built from the same random weights
+    as the open_clip model this project prompts; each epoch one batch of given image features."""
+    import open_clip
+    from clip.weights import load_open_clip
+    open_clip.add_model_config(COOP_MODEL)
+    ours = load_open_clip(COOP_MODEL.stem, None)
+    # OpenAI's build_model stores the weights in float16 (convert_weights) before CoOp's fp32 mode
+    # widens them: both models hold the float16-rounded weights (the test rounds its model the same way)
+    ours.load_state_dict({k: v.half().float() for k, v in ours.state_dict().items()})
+    openai = package("coop_clip", published / "CoOp" / "clip")
+    out = {"model": COOP_MODEL.stem, "classes": COOP_CLASSES}
+    for variant, options in {"end": dict(N_CTX=16, CTX_INIT="", CSC=False, CLASS_TOKEN_POSITION="end"),
+                             "middle_csc": dict(N_CTX=8, CTX_INIT="", CSC=True, CLASS_TOKEN_POSITION="middle"),
+                             "init_front": dict(N_CTX=4, CTX_INIT="a photo of a", CSC=False,
+                                                CLASS_TOKEN_POSITION="front")}.items():
+        model = openai.model.build_model({k: v.clone() for k, v in ours.state_dict().items()}).float()
+        ns = dassl_trainers(published)
+        ns |= {"clip": openai.clip, "_tokenizer": openai.simple_tokenizer.SimpleTokenizer()}
+        definitions(published / "CoOp/trainers/coop.py", ["TextEncoder", "PromptLearner", "CustomCLIP", "CoOp"], ns)
+        steps, seed = 20, 3
+        inputs = coop_inputs(seed, steps, len(COOP_CLASSES), 20, model.text_projection.shape[1])
+        cfg = types.SimpleNamespace(TRAINER=types.SimpleNamespace(COOP=types.SimpleNamespace(PREC="fp32", **options)),
+                                    INPUT=types.SimpleNamespace(SIZE=(model.visual.input_resolution,)),
+                                    TRAIN=types.SimpleNamespace(PRINT_FREQ=10 ** 9),
+                                    OPTIM=dassl_optim("sgd", 0.002, steps, 5e-4))
+        with on_cpu():
+            torch.manual_seed(seed)                 # the context's N(0, 0.02²) draw
+            custom = ns["CustomCLIP"](cfg, COOP_CLASSES, model)
+            custom.image_encoder = nn.Identity()    # the batches are CLIP's image features already
+            for name, param in custom.named_parameters():
+                param.requires_grad_("prompt_learner" in name)
+            initial = custom.prompt_learner.ctx.detach().clone()
+
+            class Batches(Loader):
+                def __iter__(self):
+                    self.pass_index += 1
+                    yield {"img": inputs["features"][self.pass_index], "label": inputs["labels"][self.pass_index]}
+
+                def __len__(self):
+                    return 1
+            trainer = new_trainer(ns["CoOp"], cfg, Batches(inputs["labels"][0], 20), steps)
+            trainer.model = custom
+            optim = ns["build_optimizer"](custom.prompt_learner, cfg.OPTIM)
+            trainer.register_model("prompt_learner", custom.prompt_learner, optim,
+                                   ns["build_lr_scheduler"](optim, cfg.OPTIM))
+            losses, lrs, kept = [], [], {}
+            for trainer.epoch in range(steps):
+                lrs.append(optim.param_groups[0]["lr"])
+                with torch.no_grad():
+                    losses.append(F.cross_entropy(custom(inputs["features"][trainer.epoch]),
+                                                  inputs["labels"][trainer.epoch]).item())
+                trainer.run_epoch()
+                if trainer.epoch + 1 in (1, 5, 20):
+                    kept[trainer.epoch + 1] = custom.prompt_learner.ctx.detach().clone()
+            with torch.no_grad():
+                text = custom.text_encoder(custom.prompt_learner(), custom.tokenized_prompts)
+        out["inputs"] = inputs   # the same batches for every variant
+        out[variant] = {"options": options, "seed": seed, "initial": initial, "losses": losses,
+                        "lrs": lrs, "ctx": kept, "scale": float(model.logit_scale.exp()), "text": text,
+                        "tokens": custom.tokenized_prompts}
+    # Dassl's schedule over several steps per epoch (the learning rate of every step)
+    ns = dassl_trainers(published)
+    param = nn.Parameter(torch.zeros(1))
+    optim_cfg = dassl_optim("sgd", 0.002, 50, 5e-4)
+    optim = ns["build_optimizer"](nn.ParameterList([param]), optim_cfg)
+    sched = ns["build_lr_scheduler"](optim, optim_cfg)
+    rates = []
+    with warnings_quiet():
+        for _ in range(50):
+            rates += [optim.param_groups[0]["lr"]] * 3
+            sched.step()
+    out["schedule"] = {"epochs": 50, "per_epoch": 3, "rates": rates}
+    return out
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 RUNS = {"tip_adapter": run_tip, "gda": run_gda, "lp_plus_plus": run_lp_plus_plus, "ape": run_ape,
-        "clap": run_clap, "task_res": run_task_res, "clip_adapter": run_clip_adapter, "prolip": run_prolip}
+        "clap": run_clap, "task_res": run_task_res, "clip_adapter": run_clip_adapter, "prolip": run_prolip,
+        "coop": run_coop}
 
 
 def main(argv=None) -> int:

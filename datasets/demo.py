@@ -71,6 +71,10 @@ def ensure_demo_dataset(root: str | Path, per_split: tuple[int, int, int] = (16,
     split_path = root / SPLIT_FILE
     if split_path.is_file():
         return split_path
+    total = sum(per_split) * num_classes
+    # before any run folder (and its log) exists: straight to the console
+    print(f"generating the demo dataset: {total} images of {num_classes} classes in {root} (once; later runs read "
+          f"them)", flush=True)
     rng = random.Random(seed)
     split = {"train": [], "val": [], "test": []}
     for label, (name, colour, shape) in enumerate(DEMO_CLASSES[:num_classes]):

@@ -102,6 +102,21 @@ SCHEMA: dict[str, Key] = {
     "calibrate_bn": Key((bool,), False, "re-estimate the trunk's BatchNorm statistics on the training images "
                                         "(only for randomly initialised backbones)", "data", adopted=True),
     # ---- protocol (doc/protocols.md)
+    "method": Key((str,), "raft", "what is trained: 'raft' (the region pool), or a method that trains inside "
+                                  "CLIP on the same images and text: 'coop' (CoOp's learned prompts through the "
+                                  "frozen text encoder; doc/baselines.md); its run folder ends in _<method>",
+                  "protocol", choices=("raft", "coop"), named=True, adopted=True),
+    "coop_n_ctx": Key((int,), 16, "CoOp: learned context tokens (its published M = 16; with coop_ctx_init the "
+                                  "phrase's token count)", "protocol", check=span(1, 64)[0], rule=span(1, 64)[1], named=True,
+                        adopted=True),
+    "coop_ctx_init": Key((str,), "", "CoOp: a phrase whose token embeddings start the context ('a photo of a'); "
+                                     "'' draws it from N(0, 0.02^2), as published", "protocol", named=True,
+                         adopted=True),
+    "coop_class_specific": Key((bool,), False, "CoOp: one context per class (its CSC) instead of one for all",
+                               "protocol", named=True, adopted=True),
+    "coop_position": Key((str,), "end", "CoOp: where the class name sits among the context tokens: 'end', "
+                                        "'middle' or 'front'", "protocol", choices=("end", "middle", "front"),
+                         named=True, adopted=True),
     "protocol": Key((str,), "fewshot", "'fewshot': train and test on all classes (the paper's protocol); "
                                        "'base2new': train on the base half of the classes, test on base and new "
                                        "classes (CoCoOp's protocol)", "protocol", choices=("fewshot", "base2new"),
@@ -203,6 +218,9 @@ SCHEMA: dict[str, Key] = {
     "device": Key((str,), "auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...", "machinery",
                   "machinery"),
     "amp": Key((bool,), True, "mixed precision (used on CUDA only)", "machinery"),
+    "amp_dtype": Key((str,), "float16", "the mixed-precision dtype on CUDA: 'float16' (with loss scaling) or "
+                                        "'bfloat16' (no scaler; GPUs of compute capability 8.0 and later); part of "
+                                        "the feature caches' keys", "machinery", choices=("float16", "bfloat16")),
     "num_workers": Key((int, str), "auto", "image-decoding worker processes: an integer up to 64, or 'auto' (the "
                                            "CPUs this process may use, shared among the processes of a torchrun "
                                            "run, at most 16; none for fewer than 256 images)", "machinery",
@@ -568,7 +586,17 @@ def cross_check(values: dict, given: dict, overrides: dict) -> None:
             "shift_sets score ImageNet's variants"
         raise RaftError(f"alpha_on: test ({given['alpha_on']}) chooses alpha on the test labels it is scored on; here "
                         f"{leaks} at that alpha, a choice made with test labels reported as a result: use alpha_on val")
-    if values["val_source"] == "none" and values["alpha"] is None and values["alpha_on"] == "val":
+    if values["method"] != "coop":
+        for key in ("coop_n_ctx", "coop_ctx_init", "coop_class_specific", "coop_position"):
+            if values[key] != SCHEMA[key].default:
+                raise RaftError(f"{key} ({given[key]}) is an option of method coop; this run's method is "
+                                f"{values['method']!r} (set --method coop, or leave {key} out)")
+    if values["method"] != "raft" and values["protocol"] != "fewshot":
+        raise RaftError(f"method {values['method']} ({given['method']}) runs the few-shot protocol; protocol "
+                        f"{values['protocol']} is RAFT's here (CoCoOp, the base-to-new prompt method, is not "
+                        f"implemented yet)")
+    if values["val_source"] == "none" and values["alpha"] is None and values["alpha_on"] == "val" \
+            and values["method"] == "raft":
         raise RaftError(f"val_source: none ({given['val_source']}) leaves nothing to choose RAFT's alpha on: set a fixed "
                         f"--alpha (the methods follow their validation-free rules)")
     methods = values["baselines"]

@@ -15,7 +15,7 @@ from clip.backbone import FrozenCLIP
 from clip.published import Numerics
 from datasets import DatasetSplits, Datum
 from run.config import Config
-from utils import PhaseClock
+from utils import PhaseClock, RaftError, first_line
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,24 @@ class RunContext:
         return self.amp and self.numerics.amp
 
     def phase(self, name: str, fn: Callable, *args, **kwargs):
-        """``fn(self, *args)``, timed (wall, CPU, peak memory) under ``name`` in results.json's phases."""
-        return self.clock.measure(name, fn, self, *args, **kwargs)
+        """``fn(self, *args)``, timed (wall, CPU, peak memory) under ``name`` in results.json's phases;
+        the GPU running out of memory in it becomes one line saying which batch size to lower."""
+        try:
+            return self.clock.measure(name, fn, self, *args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            raise RaftError(out_of_memory(self, name, exc)) from None
 
     def train_cache_name(self) -> str:
         """The name of this run's few-shot images in the feature caches (their views, their features)."""
         return f"{self.data.name}_train_{self.cfg.shots}shots_seed{self.cfg.seed}"
+
+
+def out_of_memory(ctx: "RunContext", phase: str, exc: BaseException) -> str:
+    """What to do when the device's memory ran out: the batch size of that phase, and how the
+    run goes on (a batch size is part of a run's settings: a lower one is a new run)."""
+    key = "batch_size" if phase == "train_or_load" else "eval_batch_size"
+    what = "training" if key == "batch_size" else "the frozen trunk's features and the evaluation"
+    saved = " from its last save" if key == "batch_size" else " (its trained checkpoint is kept)"
+    return (f"out of {ctx.device} memory in {phase} ({first_line(exc, 120)}): {what} ran at {key} "
+            f"{ctx.cfg[key]}; lower it (--{key} {max(1, ctx.cfg[key] // 2)}; a new run: it is part of a run's "
+            f"settings, so give it --name), or free the device's memory and run the same command: it goes on{saved}")

@@ -18,7 +18,7 @@ import torch
 
 from run.config import Config
 from run.context import RunFolder
-from utils import RaftError, first_line, resolve_device
+from utils import RaftError, first_line, resolve_device, set_amp_dtype
 
 RENDEZVOUS_TIMEOUT = 60.0  # seconds to reach torchrun's rendezvous before giving up with a clear message
 
@@ -197,8 +197,13 @@ def choose_device(cfg: Config, folder: RunFolder) -> tuple[torch.device, bool]:
     device = resolve_device(f"cuda:{world.local_rank}" if world.many and cfg.device in ("auto", "cuda")
                             and torch.cuda.is_available() else cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
+    set_amp_dtype(cfg.amp_dtype)
+    if use_amp and cfg.amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise RaftError(f"amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic "
+                        f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}; "
+                        f"bfloat16 needs 8.0 or later): use amp_dtype float16")
     if device.type == "cuda":  # the frozen trunk sees one input size: let cuDNN pick its fastest kernels
         torch.backends.cudnn.benchmark = True
-    folder.log.info(f"run folder {folder.run_dir}  device {device}{' (amp)' if use_amp else ''}  "
+    folder.log.info(f"run folder {folder.run_dir}  device {device}{f' (amp, {cfg.amp_dtype})' if use_amp else ''}  "
                     f"torch {torch.__version__}" + (f"  {world.size} processes (torchrun)" if world.many else ""))
     return device, use_amp

@@ -29,7 +29,7 @@ from run.evaluation import evaluate_run
 from run.folders import plan_run, release_folder
 from run.measure import measure_baselines
 from run.model import build_model
-from run.results import write_baselines, write_results
+from run.results import write_baselines, write_method_results, write_results
 from run.task import make_task, sample_images
 from run.training import train_or_load
 from utils import PhaseClock, RaftError
@@ -71,6 +71,8 @@ def run(cfg: Config, flags: argparse.Namespace, data: DatasetSplits, trains: boo
         baselines = ctx.phase("measure_baselines", measure_baselines, model, evaluation)
         if not trains:
             return write_baselines(ctx, evaluation, baselines)
+        if ctx.cfg.method != "raft":   # a method inside CLIP: its own results (run/methods.py)
+            return write_method_results(ctx, model, trained, evaluation)
         return write_results(ctx, model, trained, evaluation, baselines)
     finally:
         release_folder(ctx.folder.run_dir)

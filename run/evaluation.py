@@ -253,6 +253,9 @@ def evaluate_run(ctx: RunContext, model: Model) -> dict:
     shared by every protocol), then alpha from validation data and the scores. Without a pool
     (the methods alone): CLIP's own features of each split, for the methods to read."""
     cfg, data, task, images, device = ctx.cfg, ctx.data, ctx.task, ctx.images, ctx.device
+    if cfg.method != "raft" and model.pool is not None:   # a method inside CLIP scores its own classifier
+        from run.methods import evaluate_method
+        return evaluate_method(ctx, model)
     start = time.perf_counter()
     splits = SplitFeatures(model.clip, cfg, data, device, ctx.amp, ctx.numerics)
     val_items = data.val if images.val_source == "split" else images.val

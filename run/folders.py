@@ -67,9 +67,29 @@ def run_name(cfg: Config) -> str:
     protocol = "" if cfg.protocol == "fewshot" else f"_{cfg.protocol}"
     validation = "" if cfg.get("val_source", "split") == "split" else f"_val-{cfg.val_source}"
     oracle = "_alpha-on-test" if cfg.get("alpha_on", "val") == "test" else ""
+    method = method_suffix(cfg)
     tag = f"_{cfg.name}" if cfg.name else ""
-    return check_component(f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{validation}{oracle}{tag}",
-                           "the run's name")
+    return check_component(f"{cfg.backbone}_{cfg.shots}shots_seed{cfg.seed}{views}{protocol}{validation}{oracle}"
+                           f"{method}{tag}", "the run's name")
+
+
+def method_suffix(cfg: Config) -> str:
+    """A method other than RAFT is spelled out (its run folder never RAFT's), with its options
+    that are not the published defaults: ``_coop``, ``_coop-ctx4-csc-middle-init-a-photo-of-a``."""
+    method = cfg.get("method", "raft")
+    if method == "raft":
+        return ""
+    parts = [method]
+    if method == "coop":
+        if cfg.coop_ctx_init:
+            parts.append("init-" + "-".join(cfg.coop_ctx_init.replace("_", " ").split()))
+        elif cfg.coop_n_ctx != 16:
+            parts.append(f"ctx{cfg.coop_n_ctx}")
+        if cfg.coop_class_specific:
+            parts.append("csc")
+        if cfg.coop_position != "end":
+            parts.append(cfg.coop_position)
+    return "_" + "-".join(parts)
 
 
 def run_dir_of(cfg: Config, dataset: str) -> Path:

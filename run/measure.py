@@ -135,8 +135,8 @@ def measure_baselines(ctx: RunContext, model: Model, evaluation: dict) -> dict |
     matrix, alpha-free selection on its validation data. Only the few-shot images' features
     are new, and only those the requested methods read."""
     cfg, device = ctx.cfg, ctx.device
-    if not cfg.baselines or ctx.folder.transfer_from is not None or not ctx.images.train:
-        return None
+    if not cfg.baselines or ctx.folder.transfer_from is not None or not ctx.images.train or cfg.method != "raft":
+        return None   # (a method inside CLIP is one of the compared methods: its RAFT run measures the others)
     start = time.perf_counter()
     needs = {need for name in cfg.baselines for need in METHODS[name].needs}
     with ctx.clock.section("baseline features"):   # only what the requested methods read

@@ -3,6 +3,8 @@ classifier of the trained and of each scored class set, and a fresh region pool.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import torch
@@ -57,6 +59,14 @@ def build_model(ctx: RunContext, pool: bool = True) -> Model:
     text, target_text, report = task_texts(ctx, clip)
     if not pool:
         return Model(clip, text, None, target_text, report)
+    if ctx.cfg.method != "raft":   # a method inside CLIP trains its own module (run/methods.py)
+        from run.methods import build_prompts
+        model = Model(clip, text, None, target_text, report)
+        prompts = build_prompts(ctx, model)
+        ctx.log.info(f"{ctx.cfg.method}: {prompts.n_ctx} context tokens"
+                     f"{' per class' if ctx.cfg.coop_class_specific else ''}, class name at the {prompts.position}, "
+                     f"{prompts.ctx.numel():,} trainable parameters")
+        return replace(model, pool=prompts)
     region_pool = ctx.numerics.pool(clip, ctx.cfg.mask_bg_in_cls).to(ctx.device)
     ctx.log.info(f"backbone {ctx.cfg.backbone} (weights {ctx.cfg.weights or 'random'}): {clip.spec.what} "
                  f"{'×'.join(map(str, clip.feature_shape))} ({clip.grid}×{clip.grid} grid), embedding "

@@ -91,6 +91,34 @@ def write_results(ctx: RunContext, model: Model, trained: Trained, evaluation: d
     return results
 
 
+def write_method_results(ctx: RunContext, model: Model, trained: Trained, evaluation: dict) -> dict:
+    """results.json of a method that trains inside CLIP (``method`` other than raft): the run's
+    record as RAFT's has it, its accuracy and zero-shot CLIP's, no alpha (nothing is blended)."""
+    from run.methods import LABELS
+    cfg, data, plan = ctx.cfg, ctx.data, ctx.folder
+    label = LABELS[cfg.method]
+    results = {"dataset": data.name, "backbone": cfg.backbone, "weights": cfg.weights, "shots": cfg.shots,
+               "data_sha256": data.digest(), "seed": cfg.seed, "num_classes": data.num_classes,
+               "name": cfg.name or None, "method": cfg.method, "protocol": cfg.protocol,
+               "sizes": evaluation["sizes"], "val_source": evaluation["val_source"],
+               "validation": validation_record(cfg, evaluation), "text_source": text_source(cfg, data),
+               **evaluation["metrics"], **({"history": trained.history} if trained.history else {}),
+               **({"split_file": str(data.split_file)} if data.split_file else {}),
+               "skipped_images": {split: len(files) for split, files in evaluation["skipped"].items()},
+               "train_seconds": trained.seconds, "eval_seconds": evaluation["seconds"], "world_size": WORLD.size,
+               "checkpoint": str(plan.ckpt_path), "device": str(ctx.device), "config": dict(cfg),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "provenance": provenance(ctx.device),
+               "phases": ctx.clock.phases}
+    if WORLD.main:
+        write_json(plan.results_path, results)
+    ctx.log.info(f"zero-shot {results['zero_shot_acc']:.2f}%  {label} {results['test_acc']:.2f}%")
+    ctx.log.info(f"results: {plan.results_path}")
+    results["run_dir"] = str(plan.run_dir)
+    print(f"\n{data.name} {cfg.backbone} {cfg.shots}-shot seed {cfg.seed}: zero-shot {results['zero_shot_acc']:.2f}% "
+          f"-> {label} {results['test_acc']:.2f}% (last epoch, as published); results in {plan.results_path}")
+    return results
+
+
 def alpha_note(results: dict) -> str:
     """Where the reported alpha came from, as the summary line says it."""
     if results["alpha_source"] == "test":

@@ -31,7 +31,7 @@ from run.context import Model, RunContext, Trained
 from run.distributed import WORLD
 from run.features import LiveSource, PublishedSource, ViewSource, share_rounding
 from run.task import FEWSHOT_VAL
-from utils import RaftError, atomic_write, autocast, first_line, set_seed, torch_load, torch_save, write_yaml
+from utils import RaftError, amp_dtype, atomic_write, autocast, first_line, set_seed, torch_load, torch_save, write_yaml
 
 # 1: before the published learning-rate sequence (refused: its run would continue on another one);
 # 2: lr_schedule
@@ -235,8 +235,11 @@ class Session:
         self.learner, self.source, self.cfg, self.log, self.state_path = learner, source, cfg, log, state_path
         self.per_epoch = len(source)
         self.total = cfg.train_epoch * self.per_epoch
-        self.rates = lr_schedule(self.total, cfg.warmup_epoch * self.per_epoch, cfg.lr, cfg.min_lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=learner.amp)
+        rates = getattr(learner, "rates", None)   # a method with its own published schedule (run/methods.py)
+        self.rates = rates(self.total, self.per_epoch, cfg) if rates else lr_schedule(
+            self.total, cfg.warmup_epoch * self.per_epoch, cfg.lr, cfg.min_lr)
+        # bfloat16 has float32's exponent range: no loss scaling (and none to save)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=learner.amp and amp_dtype() == "float16")
         self.progress = {"epoch": 1, "position": 0, "step": 0, "seconds": 0.0, "history": [], "epoch_began": 0.0,
                          "sums": {k: 0.0 for k in ("loss", *learner.terms)}, "correct": 0, "seen": 0}
         state = load_state(state_path, cfg) if state_path is not None else None
@@ -463,12 +466,16 @@ def write_history(path: Path, history: list[dict]) -> None:
     atomic_write(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
 
 
-def training_source(ctx: RunContext, model: Model):
+def training_source(ctx: RunContext, model: Model, cfg: Config | None = None):
     """The run's training batches: cached views (``train_views``), or a fresh augmentation every
-    epoch (batched on the device, or the published code's PIL path)."""
-    cfg, images = ctx.cfg, ctx.images.train
+    epoch (batched on the device, or the published code's PIL path); a method inside CLIP with
+    its own crops (CoOp: Dassl's)."""
+    cfg, images = cfg or ctx.cfg, ctx.images.train
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=ctx.device, amp=ctx.amp,
                   num_workers=cfg.num_workers)
+    if cfg.method == "coop":
+        from run.methods import COOP
+        return LiveSource(model.clip, images, scale=COOP.crop_scale, **common)
     if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
         return ViewSource(model.clip, images, cfg.train_views, cache_dir=cfg.cache_dir, name=ctx.train_cache_name(),
                           **common)
@@ -477,6 +484,7 @@ def training_source(ctx: RunContext, model: Model):
 
 
 def train_or_load(ctx: RunContext, model: Model) -> Trained:
+    from run.methods import learner_for, training_config
     """Train the region pool (resuming a saved state), or load the checkpoint's; the training
     seconds and the per-epoch history (a checkpoint's, for one trained before)."""
     cfg, data, folder, log = ctx.cfg, ctx.data, ctx.folder, ctx.log
@@ -504,12 +512,13 @@ def train_or_load(ctx: RunContext, model: Model) -> Trained:
                         f"inputs differ in the last bits (doc/distributed.md)")
     set_seed(cfg.seed)
     start = time.perf_counter()
+    trains = training_config(cfg, data.name)   # a method's own published epochs and batch; RAFT's cfg
     with ctx.clock.section("training images"):
-        source = training_source(ctx, model)
+        source = training_source(ctx, model, trains)
     prepare_seconds = time.perf_counter() - start
-    learner = RaftLearner(model.pool, model.text, ctx.numerics, cfg, ctx.device, ctx.amp)
+    learner = learner_for(ctx, model, trains)
     with ctx.clock.section("training loop"):
-        stats = train_pool(learner, source, cfg, log, folder.state_path, folder.run_dir / "tensorboard")
+        stats = train_pool(learner, source, trains, log, folder.state_path, folder.run_dir / "tensorboard")
     train_seconds = prepare_seconds + stats["seconds"]
     if world.main:
         write_history(folder.run_dir / "history.csv", stats["history"])

@@ -48,7 +48,7 @@ def test_every_fixture_names_the_published_commit_it_was_made_at():
         record = torch_load(path)
         assert all("@" in source and len(source.split("@")[1]) == 40 for source in record["published"].values()), path
     assert {p.stem for p in FIXTURES.glob("*.pt")} == {"tip_adapter", "gda", "lp_plus_plus", "ape", "clap", "task_res",
-                                                      "clip_adapter", "prolip"}
+                                                      "clip_adapter", "prolip", "coop"}
 
 
 def test_tip_adapter_and_its_f_variant_match_the_published_code():
@@ -154,3 +154,59 @@ def test_prolip_matches_the_published_code(family):
     method, _ = fitted("prolip", data)
     close(method.weight, out["trained"], atol=1e-6)
     close(method.score(data, "test_acc", task["test"]), out["test_logits"], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def coop_model():
+    import open_clip
+    from clip.weights import load_open_clip
+    open_clip.add_model_config(FIXTURES / "coop-model.json")
+    model = load_open_clip("coop-model", None)
+    # as the fixture's: OpenAI's build_model rounds the weights to float16 (its convert_weights)
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return model
+
+
+@pytest.mark.parametrize("variant", ["end", "middle_csc", "init_front"])
+def test_coop_matches_the_published_code_step_by_step(coop_model, variant):
+    """CoOp's prompts, text features, 20 SGD steps (loss at each, the context after 1, 5 and 20)
+    and learning rates against its published PromptLearner / TextEncoder / trainer."""
+    from types import SimpleNamespace
+    from clip.prompts import PromptLearner, encode_prompts
+    from clip.weights import tokenizer_for
+    from run.methods import CoOpLearner
+    out = fixture("coop")
+    run, inputs = out[variant], out["inputs"]
+    o = run["options"]
+    torch.manual_seed(run["seed"])
+    prompts = PromptLearner(coop_model, tokenizer_for("coop-model", None), out["classes"], o["N_CTX"], o["CTX_INIT"],
+                            o["CSC"], o["CLASS_TOKEN_POSITION"])
+    assert torch.equal(prompts.tokens, run["tokens"])
+    close(prompts.ctx, run["initial"], atol=0)
+    steps = len(run["losses"])
+    cfg = SimpleNamespace(logit_scale=run["scale"], lr=0.002, train_epoch=steps)
+    learner = CoOpLearner(prompts, SimpleNamespace(clip=SimpleNamespace(model=coop_model)), cfg, torch.device("cpu"),
+                          False, None)
+    rates = learner.rates(steps, 1, cfg)
+    close(torch.tensor(rates), torch.tensor(run["lrs"]), atol=1e-15)
+    for step in range(steps):
+        for group in learner.optimizer.param_groups:
+            group["lr"] = rates[step]
+        loss, _, _ = learner.loss(None, inputs["features"][step], inputs["labels"][step], len(inputs["labels"][step]))
+        assert abs(loss.item() - run["losses"][step]) < 1e-5, step
+        learner.optimizer.zero_grad()
+        loss.backward()
+        learner.optimizer.step()
+        if step + 1 in run["ctx"]:
+            close(prompts.ctx, run["ctx"][step + 1], atol=1e-6)
+    with torch.no_grad():   # the trained prompts' text features
+        close(encode_prompts(coop_model, prompts(), prompts.tokens), run["text"], atol=1e-5)
+
+
+def test_coops_learning_rate_is_dassls_at_every_step():
+    from types import SimpleNamespace
+    from run.methods import CoOpLearner
+    schedule = fixture("coop")["schedule"]
+    cfg = SimpleNamespace(lr=0.002, train_epoch=schedule["epochs"])
+    ours = CoOpLearner.rates(None, len(schedule["rates"]), schedule["per_epoch"], cfg)
+    close(torch.tensor(ours), torch.tensor(schedule["rates"]), atol=1e-15)

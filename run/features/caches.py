@@ -16,7 +16,7 @@ from datasets.augment import CROP_RATIO, CROP_SCALE, prepare_batch
 from datasets.base import Datum
 from datasets.loader import eval_transform, make_loader
 from run.distributed import WORLD
-from utils import RaftError, autocast, sha256_text
+from utils import RaftError, amp_identity, autocast, sha256_text
 
 from .decode import DECODE_MARGIN, decode_images
 from .store import CACHE_VERSION, NO_MAPS, FeatureStore, build_store, cached_store, file_stamps
@@ -65,7 +65,7 @@ def eval_store(clip, items: list[Datum], cache_dir: str | Path, name: str, batch
     # the batch size too: the trunk's kernels can round an image's features differently in
     # batches of other sizes (a batch of one takes another path on CPUs)
     key = sha256_text("eval-features", CACHE_VERSION, clip.backbone, clip.fingerprint(), repr(transform),
-                      file_stamps(items), amp and device.type == "cuda", skip_bad, batch_size,
+                      file_stamps(items), amp_identity(device, amp), skip_bad, batch_size,
                       *([] if keep_maps else ["v0 only"]))
     path = Path(cache_dir) / "features" / f"{name}_{clip.backbone}_{key[:20]}"
 
@@ -91,7 +91,7 @@ def view_store(clip, items: list[Datum], views: int, seed: int, cache_dir: str |
     CLIP's own feature ``v0`` (Tip-Adapter's views), not the trunk outputs; ``"pre"`` keeps, in
     the maps' place, what CLIP's last projection reads (ProLIP's features, float32)."""
     margin = math.sqrt(scale[0] * CROP_RATIO[0])   # the smallest crop's side over the image's shorter side
-    parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp and device.type == "cuda",
+    parts = [views, seed, scale, CROP_RATIO, min(margin, DECODE_MARGIN), clip.image_size, amp_identity(device, amp),
              batch_size]
     key = sha256_text("train-views", CACHE_VERSION, clip.backbone, clip.fingerprint(), file_stamps(items),
                       *parts, *({True: [], False: ["v0 only"], "pre": ["before the last projection"]}[keep_maps]))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from datasets.augment import prepare_batch, published_batch
+from datasets.augment import CROP_RATIO, CROP_SCALE, prepare_batch, published_batch
 from datasets.base import Datum
 from run.distributed import WORLD, World
 from utils import autocast, background, resolve_workers
 
 from .caches import view_store
-from .decode import decode_images, image_sizes
+from .decode import DECODE_MARGIN, decode_images, image_sizes
 
 
 def encode_share(clip, images: torch.Tensor, whole: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +70,9 @@ class LiveSource:
     uninterrupted one would although the thread had drawn ahead."""
 
     def __init__(self, clip, items: list[Datum], batch_size: int, seed: int, device: torch.device, amp: bool,
-                 num_workers: int | str):
+                 num_workers: int | str, scale: tuple[float, float] = CROP_SCALE):
         self.clip, self.batch_size, self.device, self.amp = clip, batch_size, device, amp
+        self.scale = scale   # the crops' area range: RAFT's, or another method's (CoOp: Dassl's 0.08-1)
         self.images = self.load(items, num_workers)
         self.labels = torch.tensor([d.label for d in items])
         self.order_gen = torch.Generator().manual_seed(seed)
@@ -81,7 +82,8 @@ class LiveSource:
 
     def load(self, items: list[Datum], num_workers: int | str) -> list:
         """Every training image decoded once, up front (an unreadable one stops the run here)."""
-        return decode_images(items, self.clip.image_size, num_workers)
+        margin = math.sqrt(self.scale[0] * CROP_RATIO[0])   # the smallest crop's side over the shorter side
+        return decode_images(items, self.clip.image_size, num_workers, min(margin, DECODE_MARGIN))
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -112,7 +114,7 @@ class LiveSource:
         """The host's part of a batch (in the background thread): draw its flips and crops from
         the augmentation generator, gather this process's crops (``.finish`` does the rest)."""
         return prepare_batch([self.images[i] for i in idx], self.clip.preprocess, self.aug_gen, self.device,
-                             keep=mine)
+                             scale=self.scale, keep=mine)
 
     def epoch(self, epoch: int, start: int = 0):
         """Batches of the epoch from batch ``start`` on (start > 0: resuming inside an epoch)."""

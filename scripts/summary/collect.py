@@ -129,6 +129,13 @@ def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
         if r is None:
             continue
         row = record(r, path)
+        method = r.get("method", "raft")
+        if method != "raft":   # a method inside CLIP: a column of its RAFT group's methods table
+            found = re.search(rf"_({re.escape(method)}(?:-[^_]+)?)", path.parent.name)
+            name = found.group(1) if found else method
+            home = group_of(path.parent.with_name(path.parent.name.replace(f"_{name}", "", 1)))
+            groups[home]["methods"].append(row | {"accs": {name: row["acc"]}, "states": {}})
+            continue
         group = groups[group_of(path.parent)]
         if r.get("protocol") == "base2new":
             parts = r["base2new"]

@@ -31,8 +31,7 @@ def method_label(name: str) -> str:
 def published_number(method: str, backbone: str, shots: int) -> float | None:
     """The average a method's paper reports for a backbone (named as open_clip or OpenAI's
     package names it: ViT-B-16 or ViT-B/16) and shot count, if the registry records one."""
-    entry = baselines.METHODS.get(method)
-    for (name, at), value in (entry.published if entry else {}).items():
+    for (name, at), value in baselines.published(method).items():
         if at == shots and name.replace("/", "-") == backbone.replace("/", "-"):
             return value
     return None
@@ -41,7 +40,7 @@ def published_number(method: str, backbone: str, shots: int) -> float | None:
 def method_order(names) -> list[str]:
     """RAFT, then the registered methods in the registry's order, then any other a results file
     holds (another version's, a method since removed), by name: shown under its key, never dropped."""
-    known = [RAFT, *baselines.METHODS]
+    known = [RAFT, *baselines.INSIDE, *baselines.METHODS]
     present = set(names)
     return [m for m in known if m in present] + sorted(present - set(known))
 TEXT_MARK = "†"
