@@ -14,6 +14,14 @@ SCRIPTS = ["sweep.sh", "train_other_datasets.sh", "base2new.sh", "train_imagenet
            "domain_generalization.sh", "test_imagenet.sh", "slurm_array.sh"]
 
 
+
+def counting_python(tmp_path):
+    """A `python` that writes each command line it is given to calls.txt, then runs it."""
+    calls, counting = tmp_path / "calls.txt", tmp_path / "python"
+    counting.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\nexec {sys.executable} \"$@\"\n")
+    counting.chmod(0o755)
+    return calls, counting
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flag", ["-h", "--help"])
@@ -58,10 +66,7 @@ def test_finished_runs_are_left_out_without_starting_python_and_progress_is_show
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "[1/2]" in out and "[2/2]" in out and "about" in out and "2 done, 0 failed, 0 not started" in err
-    calls = tmp_path / "calls.txt"
-    counting = tmp_path / "python"
-    counting.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\nexec {sys.executable} \"$@\"\n")
-    counting.chmod(0o755)
+    calls, counting = counting_python(tmp_path)
     overrides = args_for(dtd, tmp_path, "--train_epoch", "2", "--baselines", "[]")[2:]
     again = subprocess.run(["bash", str(ROOT / "scripts/sweep.sh"), "dtd", "4", "1 2", *overrides],
                            env=dict(os.environ, PYTHON=str(counting)), capture_output=True, text=True, timeout=120)
@@ -121,10 +126,7 @@ def test_sweep_runs_past_failures_lists_them_and_honours_python_and_data(tmp_pat
 
 @pytest.mark.slow
 def test_a_sweep_without_data_says_so_once_for_every_dataset_and_runs_nothing(tmp_path):
-    calls = tmp_path / "calls.txt"
-    counting = tmp_path / "python"
-    counting.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\nexec {sys.executable} \"$@\"\n")
-    counting.chmod(0o755)
+    calls, counting = counting_python(tmp_path)
     (tmp_path / "data" / "dtd").mkdir(parents=True)          # one of three is there
     for script in ("sweep.sh", "train_other_datasets.sh"):
         calls.write_text("")
