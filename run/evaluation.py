@@ -18,6 +18,7 @@ from run.config import Config
 from run.context import Model, RunContext
 from run.distributed import WORLD
 from run.features import eval_store, live_batches
+from run.methods import prompt_text
 from run.task import in_classes
 from utils import RaftError, autocast, harmonic_mean
 
@@ -254,7 +255,6 @@ def evaluate_run(ctx: RunContext, model: Model) -> dict:
     (the methods alone): CLIP's own features of each split, for the methods to read."""
     cfg, data, task, images, device = ctx.cfg, ctx.data, ctx.task, ctx.images, ctx.device
     if cfg.method != "raft" and model.pool is not None:   # a method inside CLIP scores its own classifier
-        from run.methods import evaluate_method
         return evaluate_method(ctx, model)
     start = time.perf_counter()
     splits = SplitFeatures(model.clip, cfg, data, device, ctx.amp, ctx.numerics)
@@ -293,3 +293,29 @@ def evaluate_run(ctx: RunContext, model: Model) -> dict:
     sizes |= {"val": len(val.labels) if val else 0, "test": sum(len(logits.labels) for logits in scored.values())}
     return {"metrics": metrics, "sizes": sizes, "skipped": splits.skipped, "val_source": images.val_source,
             "logits": {"val": val, **scored}, "seconds": time.perf_counter() - start}
+
+
+def evaluate_method(ctx: RunContext, model: Model) -> dict:
+    """A method's classifier on the val and test images' CLIP features (the cache's, as every
+    feature-level method reads them): its accuracy, and zero-shot CLIP's on the same images."""
+    cfg, data, task, images = ctx.cfg, ctx.data, ctx.task, ctx.images
+    start = time.perf_counter()
+    splits = SplitFeatures(model.clip, cfg, data, ctx.device, ctx.amp, ctx.numerics)
+    val_items = data.val if images.val_source == "split" else images.val
+    with torch.no_grad():
+        learned = prompt_text(model, model.pool.eval())
+    hand = model.text[:, :-1].float()
+
+    def accuracy(features, labels, text) -> float:
+        logits = cfg.logit_scale * features.to(ctx.device) @ text
+        return 100.0 * (logits.argmax(1).cpu() == labels).float().mean().item()
+
+    test = splits.v0(data.test, "test", task.targets["test"])
+    metrics = {"test_acc": accuracy(test.v0, test.labels, learned), "zero_shot_acc": accuracy(test.v0, test.labels, hand)}
+    sizes = {"train": len(images.train), "val": 0, "test": len(test.labels)}
+    if images.val:
+        val = splits.v0(val_items, "val", task.train)
+        metrics["val_acc"] = accuracy(val.v0, val.labels, learned)
+        sizes["val"] = len(val.labels)
+    return {"metrics": metrics, "sizes": sizes, "skipped": splits.skipped, "val_source": images.val_source,
+            "logits": {}, "seconds": time.perf_counter() - start}

@@ -11,7 +11,6 @@ its learner (the loss of a batch, the learning rate of every step) and its class
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -100,37 +99,3 @@ class CoOpLearner:
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
         return loss, {"ce": loss}, correct
-
-
-def learner_for(ctx: RunContext, model: Model, cfg: Config):
-    from run.training import RaftLearner
-    if cfg.method == "coop":
-        return CoOpLearner(model.pool, model, cfg, ctx.device, ctx.amp, ctx.numerics)
-    return RaftLearner(model.pool, model.text, ctx.numerics, cfg, ctx.device, ctx.amp)
-
-
-def evaluate_method(ctx: RunContext, model: Model) -> dict:
-    """A method's classifier on the val and test images' CLIP features (the cache's, as every
-    feature-level method reads them): its accuracy, and zero-shot CLIP's on the same images."""
-    from run.evaluation import SplitFeatures
-    cfg, data, task, images = ctx.cfg, ctx.data, ctx.task, ctx.images
-    start = time.perf_counter()
-    splits = SplitFeatures(model.clip, cfg, data, ctx.device, ctx.amp, ctx.numerics)
-    val_items = data.val if images.val_source == "split" else images.val
-    with torch.no_grad():
-        learned = prompt_text(model, model.pool.eval())
-    hand = model.text[:, :-1].float()
-
-    def accuracy(features, labels, text) -> float:
-        logits = cfg.logit_scale * features.to(ctx.device) @ text
-        return 100.0 * (logits.argmax(1).cpu() == labels).float().mean().item()
-
-    test = splits.v0(data.test, "test", task.targets["test"])
-    metrics = {"test_acc": accuracy(test.v0, test.labels, learned), "zero_shot_acc": accuracy(test.v0, test.labels, hand)}
-    sizes = {"train": len(images.train), "val": 0, "test": len(test.labels)}
-    if images.val:
-        val = splits.v0(val_items, "val", task.train)
-        metrics["val_acc"] = accuracy(val.v0, val.labels, learned)
-        sizes["val"] = len(val.labels)
-    return {"metrics": metrics, "sizes": sizes, "skipped": splits.skipped, "val_source": images.val_source,
-            "logits": {}, "seconds": time.perf_counter() - start}

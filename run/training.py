@@ -30,6 +30,7 @@ from run.config import Config, check_values, require_same_settings
 from run.context import Model, RunContext, Trained
 from run.distributed import WORLD
 from run.features import LiveSource, PublishedSource, ViewSource, share_rounding
+from run.methods import COOP, CoOpLearner, training_config
 from run.task import FEWSHOT_VAL
 from utils import RaftError, amp_dtype, atomic_write, autocast, first_line, set_seed, torch_load, torch_save, write_yaml
 
@@ -474,7 +475,6 @@ def training_source(ctx: RunContext, model: Model, cfg: Config | None = None):
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=ctx.device, amp=ctx.amp,
                   num_workers=cfg.num_workers)
     if cfg.method == "coop":
-        from run.methods import COOP
         return LiveSource(model.clip, images, scale=COOP.crop_scale, **common)
     if cfg.train_views:  # decodes (and checks) the training images when the views are not cached
         return ViewSource(model.clip, images, cfg.train_views, cache_dir=cfg.cache_dir, name=ctx.train_cache_name(),
@@ -483,8 +483,14 @@ def training_source(ctx: RunContext, model: Model, cfg: Config | None = None):
     return (PublishedSource if cfg.augment == "published" else LiveSource)(model.clip, images, **common)
 
 
+def learner_for(ctx: RunContext, model: Model, cfg: Config):
+    """What the run trains: RAFT's region pool, or a method's own module (run/methods.py)."""
+    if cfg.method == "coop":
+        return CoOpLearner(model.pool, model, cfg, ctx.device, ctx.amp, ctx.numerics)
+    return RaftLearner(model.pool, model.text, ctx.numerics, cfg, ctx.device, ctx.amp)
+
+
 def train_or_load(ctx: RunContext, model: Model) -> Trained:
-    from run.methods import learner_for, training_config
     """Train the region pool (resuming a saved state), or load the checkpoint's; the training
     seconds and the per-epoch history (a checkpoint's, for one trained before)."""
     cfg, data, folder, log = ctx.cfg, ctx.data, ctx.folder, ctx.log
